@@ -1,0 +1,199 @@
+"""Build, or load from the cache, everything a method needs: data, tokenizer, trained model.
+
+Two stages, each cached on its own: the task data (cheap, but it decides every
+later key) and the reference model with its checkpoints (minutes). A second run
+with the same task, scale, seed and code reuses both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import harness
+from harness.cache import Cache, code_fingerprint, content_key
+from harness.data import Query, Sequences, TaskData, encode_completions, encode_documents
+from harness.model import GPT, GPTConfig, sequence_losses
+from harness.task import Task
+from harness.tokenizer import WordTokenizer
+from harness.training import Checkpoint, TrainRecipe, train
+
+_logger = logging.getLogger(__name__)
+
+_MODEL_CODE = [
+    Path(harness.__file__).with_name(f)
+    for f in ("model.py", "training.py", "tokenizer.py", "data.py", "bundle.py")
+]
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A task's data and its trained reference model; read-only for methods."""
+
+    task: str
+    scale: str
+    seed: int
+    data: TaskData
+    tokenizer: WordTokenizer
+    recipe: TrainRecipe
+    model_config: GPTConfig
+    checkpoints: list[Checkpoint]  # in training order; the last is the final model
+    heldout_loss: float
+    learned: dict[str, bool]  # query id -> the model produces its target
+    documents: Sequences  # the training documents, encoded as trained on
+    model_key: str
+
+    def model(self, checkpoint: int = -1) -> GPT:
+        """A fresh model in eval mode holding the weights of one checkpoint."""
+        model = GPT(self.model_config)
+        model.load_state_dict(self.checkpoints[checkpoint].state)
+        return model.eval()
+
+    def encode_queries(self, queries: list[Query]) -> Sequences:
+        return encode_completions(
+            [q.prompt for q in queries],
+            [q.target for q in queries],
+            self.tokenizer,
+            context=self.recipe.context,
+        )
+
+    @property
+    def learned_queries(self) -> list[Query]:
+        return [q for q in self.data.queries if self.learned[q.id]]
+
+
+def prepare_bundle(task: Task, scale: str, *, seed: int, cache: Cache) -> Bundle:
+    preset = task.scale(scale)
+    data, data_key = _task_data(task, scale, preset.config, seed=seed, cache=cache)
+    model_key = content_key(
+        {
+            "data": data_key,
+            "recipe": preset.recipe.to_dict(),
+            "code": code_fingerprint(_MODEL_CODE),
+        }
+    )
+    if cache.has("models", model_key):
+        _logger.info(
+            "found existing model %s for %s/%s, skipping training", model_key, task.name, scale
+        )
+    else:
+        _train_and_store(data, preset.recipe, seed=seed, cache=cache, key=model_key)
+    return _load_bundle(task.name, scale, seed, data, preset.recipe, cache, model_key)
+
+
+def _task_data(task: Task, scale: str, config, *, seed: int, cache: Cache) -> tuple[TaskData, str]:
+    key = content_key(
+        {
+            "task": task.name,
+            "scale": scale,
+            "config": config.to_dict(),
+            "seed": seed,
+            "code": code_fingerprint(task.source_files()),
+        }
+    )
+    path = cache.path("tasks", key) / "task.json"
+    if cache.has("tasks", key):
+        _logger.info("found existing %s/%s data %s, skipping build", task.name, scale, key)
+        return TaskData.load(path), key
+    started = time.perf_counter()
+    data = task.build(config, seed=seed)
+    with cache.writing(
+        "tasks",
+        key,
+        {"task": task.name, "scale": scale, "seed": seed, "fingerprint": data.fingerprint()},
+    ) as staging:
+        data.save(staging / "task.json")
+    _logger.info(
+        "built %s/%s: %d documents, %d queries in %.1f s",
+        task.name,
+        scale,
+        len(data.documents),
+        len(data.queries),
+        time.perf_counter() - started,
+    )
+    return data, key
+
+
+def _train_and_store(
+    data: TaskData, recipe: TrainRecipe, *, seed: int, cache: Cache, key: str
+) -> None:
+    texts = [document.text for document in data.documents]
+    tokenizer = WordTokenizer.fit(
+        texts, min_count=recipe.min_word_count, reserved=data.reserved_words
+    )
+    config = recipe.model_config(len(tokenizer))
+    documents = encode_documents(texts, tokenizer, context=recipe.context)
+    heldout = encode_documents(list(data.heldout_texts), tokenizer, context=recipe.context)
+    result = train(config, documents, heldout, recipe, seed=seed)
+
+    model = GPT(config)
+    model.load_state_dict(result.checkpoints[-1].state)
+    learned = _learned(model.eval(), list(data.queries), tokenizer, context=recipe.context)
+
+    manifest = {
+        "checkpoints": [
+            {"step": c.step, "learning_rate": c.learning_rate} for c in result.checkpoints
+        ],
+        "heldout_loss": result.heldout_loss,
+        "train_loss": result.train_loss,
+        "train_seconds": result.seconds,
+        "learned": learned,
+        "vocab_size": len(tokenizer),
+    }
+    with cache.writing("models", key, manifest) as staging:
+        tokenizer.save(staging / "tokenizer.json")
+        for checkpoint in result.checkpoints:
+            save_file(checkpoint.state, staging / f"checkpoint-{checkpoint.step}.safetensors")
+
+
+def _load_bundle(
+    task: str, scale: str, seed: int, data: TaskData, recipe: TrainRecipe, cache: Cache, key: str
+) -> Bundle:
+    folder, manifest = cache.path("models", key), cache.manifest("models", key)
+    tokenizer = WordTokenizer.load(folder / "tokenizer.json")
+    checkpoints = [
+        # safetensors holds plain tensors only: loading it runs no code
+        Checkpoint(
+            c["step"],
+            c["learning_rate"],
+            load_file(folder / f"checkpoint-{c['step']}.safetensors"),
+        )
+        for c in manifest["checkpoints"]
+    ]
+    return Bundle(
+        task=task,
+        scale=scale,
+        seed=seed,
+        data=data,
+        tokenizer=tokenizer,
+        recipe=recipe,
+        model_config=recipe.model_config(len(tokenizer)),
+        checkpoints=checkpoints,
+        heldout_loss=manifest["heldout_loss"],
+        learned=manifest["learned"],
+        documents=encode_documents(
+            [d.text for d in data.documents], tokenizer, context=recipe.context
+        ),
+        model_key=key,
+    )
+
+
+@torch.no_grad()
+def _learned(
+    model: GPT, queries: list[Query], tokenizer: WordTokenizer, *, context: int
+) -> dict[str, bool]:
+    """A query counts as learned when its target is the likeliest of its candidates."""
+    learned = {}
+    for query in queries:
+        candidates = list(query.candidates) or [query.target]
+        sequences = encode_completions(
+            [query.prompt] * len(candidates), candidates, tokenizer, context=context
+        )
+        losses = sequence_losses(model(sequences.inputs), sequences.targets, sequences.loss_mask)
+        learned[query.id] = candidates[int(losses.argmin())] == query.target
+    return learned

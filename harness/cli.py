@@ -1,0 +1,209 @@
+"""The ``harness`` command line: list, run and leaderboard.
+
+stdout carries results (tables, paths); progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+import polars as pl
+
+from harness.errors import HarnessError
+from harness.method import METHODS
+from harness.runner import Runner, RunOutcome, parse_method_names, plan_runs
+from harness.task import TASKS
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_RESULTS = "results"
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "git", "bm25s"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group()
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_RESULTS,
+    envvar="HARNESS_RESULTS_DIR",
+    show_default=True,
+    help="Folder for the cache, the MLflow store and exported tables (env HARNESS_RESULTS_DIR).",
+)
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); "
+    "default sqlite:///<results-dir>/mlflow.db.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.pass_context
+def main(ctx: click.Context, results_dir: Path, tracking_uri: str | None, verbose: bool) -> None:
+    """Score training-data attribution methods against planted ground truth."""
+    _configure_logging(verbose)
+    ctx.obj = {"results_dir": results_dir, "tracking_uri": tracking_uri}
+
+
+@main.command("list")
+def list_command() -> None:
+    """Registered methods and tasks, with their parameters."""
+    click.echo("Methods:")
+    for cls in METHODS:
+        click.echo(f"  {cls.name:<10} [{cls.family}] {cls.description}")
+        for p in cls.Params.describe():
+            click.echo(
+                f"      {p['name']}={p['default']!r} ({p['type']}{_bounds(p)}): {p['help']}"
+            )
+    click.echo("Tasks:")
+    for cls in TASKS:
+        click.echo(f"  {cls.name:<10} {cls.description} (primary metric: {cls.primary_metric})")
+        for scale, preset in cls.scales.items():
+            default = " (default)" if scale == cls.default_scale else ""
+            click.echo(f"      --scale {scale}{default}: {preset.help}")
+
+
+def _bounds(p: dict) -> str:
+    if p["choices"] is not None:
+        return f", one of {list(p['choices'])}"
+    if p["low"] is not None or p["high"] is not None:
+        return f", {p['low']}..{p['high']}"
+    return ""
+
+
+def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, but got {item!r}", param_hint="--param")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+@main.command()
+@click.option(
+    "--method", "methods", required=True, help="A method, a comma-separated list, or 'all'."
+)
+@click.option("--task", required=True, help="A registered task (see `harness list`).")
+@click.option("--scale", default=None, help="Task scale preset; the task's default if omitted.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seeds the task data, the model's training and the methods.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Method parameter; METHOD.KEY=VALUE targets one method. Repeatable.",
+)
+@click.pass_obj
+def run(
+    obj: dict, methods: str, task: str, scale: str | None, seed: int, params: tuple[str, ...]
+) -> None:
+    """Run attribution methods on a task, each as its own MLflow run."""
+    try:
+        plan = plan_runs(
+            parse_method_names(methods),
+            task,
+            scale=scale,
+            seed=seed,
+            overrides=_parse_key_values(params),
+        )
+    except (HarnessError, ValueError, TypeError) as error:
+        raise click.UsageError(str(error)) from None
+
+    runner = Runner(obj["results_dir"], tracking_uri_override=obj["tracking_uri"])
+    outcomes = runner.execute(plan)
+    _print_summary(outcomes, plan.task.name, plan.scale)
+    click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
+    click.echo(f"Browse:  mlflow ui --backend-store-uri {runner.tracker.uri}")
+    click.echo("Export:  harness leaderboard")
+    if any(o.status != "FINISHED" for o in outcomes):
+        sys.exit(1)
+
+
+def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
+    finished = [o for o in outcomes if o.status == "FINISHED"]
+    if finished:
+        m = finished[0].metrics
+        click.echo(
+            f"\n{task}/{scale}: the model learned {int(m['queries_scored'])} of "
+            f"{int(m['queries_total'])} planted facts ({m['learned_fraction']:.0%}); "
+            f"held-out loss {m['heldout_loss']:.3f}. Scored on the learned ones.\n"
+        )
+    header = (
+        f"{'method':<10} {'MRR [95% CI]':<22} {'R@1':>6} {'R@10':>6} {'R@50':>6} "
+        f"{'AUPRC':>6} {'fit s':>7} {'score s':>8} {'mem MB':>7}"
+    )
+    click.echo(header)
+    click.echo("-" * len(header))
+    for o in outcomes:
+        if o.status != "FINISHED":
+            click.echo(f"{o.method:<10} FAILED: {o.error}")
+            continue
+        m = o.metrics
+        mrr = f"{m['mrr']:.3f} [{m['mrr_ci_low']:.3f}, {m['mrr_ci_high']:.3f}]"
+        click.echo(
+            f"{o.method:<10} {mrr:<22} {m['recall_at_1']:>6.3f} {m['recall_at_10']:>6.3f} "
+            f"{m['recall_at_50']:>6.3f} {m['auprc']:>6.3f} {m['fit_seconds']:>7.2f} "
+            f"{m['score_seconds']:>8.2f} {m['peak_memory_mb']:>7.0f}"
+        )
+
+
+@main.command()
+@click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV path; default <results-dir>/leaderboard.csv.",
+)
+@click.pass_obj
+def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
+    """Rank the finished MLflow runs per task and write them as CSV."""
+    from harness.leaderboard import write_leaderboard
+    from harness.tracking import tracking_uri
+
+    for name in tasks:
+        try:
+            TASKS.get(name)
+        except HarnessError as error:
+            raise click.BadParameter(str(error), param_hint="--task") from None
+    out = out or obj["results_dir"] / "leaderboard.csv"
+    uri = tracking_uri(obj["results_dir"], obj["tracking_uri"])
+    table = write_leaderboard(uri, out, tasks=tasks)
+    if table.is_empty():
+        click.echo("No finished runs yet: start one with `harness run --method all --task facts`.")
+    else:
+        shown = table.select(
+            "task",
+            "scale",
+            "rank",
+            "method",
+            "n_runs",
+            "mrr",
+            "recall_at_10",
+            "auprc",
+            "fit_seconds",
+            "score_seconds",
+        )
+        with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True, float_precision=3):
+            click.echo(shown)
+    click.echo(f"Wrote {out}")

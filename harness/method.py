@@ -1,0 +1,78 @@
+"""The method plugin contract.
+
+A method is a registered class with a name, a family, a typed parameter set
+and two steps, called in this order by the runner:
+
+1. ``fit(bundle)`` once: build whatever the method needs from the training side
+   (an index, train-side features, its own model). Optional.
+2. ``score(bundle, queries)`` any number of times with the same bundle: return
+   a float array of shape ``(len(queries), len(bundle.data.documents))`` where
+   ``scores[q, i]`` is larger when training document ``i`` pushes query ``q``'s
+   target towards being generated (a proponent). Columns follow
+   ``bundle.data.documents``; a method whose natural sign is the opposite flips
+   it itself. Scores must be finite; the runner fails a run that is not.
+
+Subclasses register by keyword::
+
+    class BM25(Method, name="bm25", family="retrieval"):
+        Params = BM25Params
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+from harness.bundle import Bundle
+from harness.data import Query
+from harness.params import Params
+from harness.registry import Registry
+
+METHODS: Registry[Method] = Registry("method", group="harness.methods", builtin_package="methods")
+
+FAMILIES = ("baseline", "gradient", "datamodel", "retrieval", "experts")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoParams(Params):
+    """A method without parameters."""
+
+
+class Method(abc.ABC):
+    name: ClassVar[str]
+    family: ClassVar[str]
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = NoParams
+    trains_own_model: ClassVar[bool] = False  # its own model's held-out loss is then reported
+
+    def __init_subclass__(
+        cls, *, name: str | None = None, family: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is None:
+            return
+        if family not in FAMILIES:
+            raise ValueError(
+                f"family of method {name!r} must be one of {FAMILIES}, but got {family!r}"
+            )
+        cls.name, cls.family = name, family
+        METHODS.add(name, cls)
+
+    def __init__(self, params: Params | None = None, *, seed: int = 0) -> None:
+        params = self.Params() if params is None else params
+        if not isinstance(params, self.Params):
+            raise TypeError(
+                f"{self.name} takes {self.Params.__name__}, got {type(params).__name__}"
+            )
+        self.params = params
+        self.seed = seed
+
+    def fit(self, bundle: Bundle) -> None:  # noqa: B027 (optional step)
+        """Prepare the training side; the default needs nothing."""
+
+    @abc.abstractmethod
+    def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:
+        """Scores of shape (len(queries), n_documents); larger means more responsible."""

@@ -1,0 +1,117 @@
+"""Typed, validated parameter sets for methods and tasks.
+
+A parameter set is a frozen dataclass whose fields are declared with
+:func:`param`: a default, help text, and the valid range or choices, which also
+make the field's Optuna search space. Values are checked when the object is
+built, so an impossible setting fails before any expensive work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, get_type_hints
+
+from harness.errors import ParameterError, UnknownNameError
+
+
+def param(
+    default: Any,
+    *,
+    help: str,
+    low: float | None = None,
+    high: float | None = None,
+    choices: Sequence[Any] | None = None,
+    log: bool = False,
+    tune: bool = True,
+) -> Any:
+    """Declare one parameter; ``low``/``high`` are inclusive bounds."""
+    metadata = {
+        "help": help,
+        "low": low,
+        "high": high,
+        "choices": choices,
+        "log": log,
+        "tune": tune,
+    }
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Base class of every parameter set; subclasses add fields with :func:`param`."""
+
+    kind: ClassVar[str] = "parameter"
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            _check_value(field, hints[field.name], getattr(self, field.name))
+
+    @classmethod
+    def from_strings(cls, overrides: Mapping[str, str]) -> Params:
+        """Build from ``KEY=VALUE`` strings as typed on a command line."""
+        hints = get_type_hints(cls)
+        fields = {field.name: field for field in dataclasses.fields(cls)}
+        values = {}
+        for key, text in overrides.items():
+            if key not in fields:
+                raise UnknownNameError(cls.kind, key, fields)
+            values[key] = _parse(key, text, hints[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """One row per parameter: name, type, default, help and valid values."""
+        hints = get_type_hints(cls)
+        return [
+            {
+                "name": field.name,
+                "type": _type_name(hints[field.name]),
+                "default": field.default,
+                **field.metadata,
+            }
+            for field in dataclasses.fields(cls)
+        ]
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _parse(key: str, text: str, annotation: Any) -> Any:
+    try:
+        if annotation is bool:
+            lowered = text.strip().lower()
+            if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError
+            return lowered in {"true", "1", "yes"}
+        return annotation(text)
+    except (TypeError, ValueError):
+        raise ParameterError(
+            f"parameter {key!r} must be of type {_type_name(annotation)}, but got {text!r}"
+        ) from None
+
+
+def _check_value(field: dataclasses.Field, annotation: Any, value: Any) -> None:
+    name, meta = field.name, field.metadata
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is float and is_number:
+        value = float(value)
+    elif not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ParameterError(
+            f"parameter {name!r} must be of type {_type_name(annotation)}, "
+            f"but got {value!r} ({type(value).__name__})"
+        )
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ParameterError(
+            f"parameter {name!r} must be one of {list(choices)}, but got {value!r}"
+        )
+    low, high = meta.get("low"), meta.get("high")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ParameterError(f"parameter {name!r} must lie in {bounds}, but got {value!r}")

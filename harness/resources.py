@@ -1,0 +1,42 @@
+"""Cost measurement: wall time and peak resident memory of a block of work."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+
+class CostMeter:
+    """Times a block and samples its process's resident memory in a background thread.
+
+    ``peak_memory_mb`` is the highest resident set size seen while the block ran,
+    minus the size when it started: the memory the work itself needed.
+    """
+
+    def __init__(self, *, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.seconds = 0.0
+        self.peak_memory_mb = 0.0
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+
+    def __enter__(self) -> CostMeter:
+        self._baseline = self._peak = self._process.memory_info().rss
+        self._stop.clear()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.seconds = time.perf_counter() - self._started
+        self._stop.set()
+        self._sampler.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.peak_memory_mb = (self._peak - self._baseline) / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._process.memory_info().rss)

@@ -1,0 +1,237 @@
+"""Run methods on a task: validate, prepare the bundle, then one tracked run per method.
+
+Everything a user can get wrong is resolved in :func:`plan_runs` before any
+data is built or any model trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from harness.bundle import Bundle, prepare_bundle
+from harness.cache import Cache
+from harness.data import Query
+from harness.errors import ParameterError, ScoresNotFiniteError, UnknownNameError
+from harness.method import METHODS, Method
+from harness.metrics import query_metrics, summarize
+from harness.resources import CostMeter
+from harness.task import TASKS, Task
+from harness.tracking import Tracker, code_version, tracking_uri
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Validated inputs of a run: the task at a scale, and configured methods."""
+
+    task: Task
+    scale: str
+    seed: int
+    methods: tuple[Method, ...]
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    method: str
+    run_id: str | None
+    status: str  # FINISHED or FAILED
+    metrics: dict[str, float]
+    error: str | None = None
+
+
+def parse_method_names(text: str) -> list[str]:
+    """``"all"``, one name, or a comma-separated list; each name checked against the registry."""
+    if text.strip() == "all":
+        return METHODS.names()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UnknownNameError("method", text, METHODS.names())
+    for name in names:
+        METHODS.get(name)
+    return list(dict.fromkeys(names))
+
+
+def plan_runs(
+    method_names: Sequence[str],
+    task_name: str,
+    *,
+    scale: str | None,
+    seed: int,
+    overrides: Mapping[str, str],
+) -> RunPlan:
+    """Check every name and parameter; raise before any expensive work."""
+    task_class = TASKS.get(task_name)
+    scale = scale or task_class.default_scale
+    task_class.scale(scale)
+    method_classes = [METHODS.get(name) for name in method_names]
+    per_method = _split_overrides(method_classes, overrides)
+    methods = tuple(
+        cls(cls.Params.from_strings(per_method[cls.name]), seed=seed) for cls in method_classes
+    )
+    return RunPlan(task=task_class(), scale=scale, seed=seed, methods=methods)
+
+
+def _split_overrides(
+    method_classes: Sequence[type[Method]], overrides: Mapping[str, str]
+) -> dict[str, dict[str, str]]:
+    """Route ``KEY=VALUE`` to every selected method with that parameter; ``METHOD.KEY`` to one."""
+    per_method: dict[str, dict[str, str]] = {cls.name: {} for cls in method_classes}
+    for key, value in overrides.items():
+        method, _, name = key.rpartition(".")
+        targets = [cls for cls in method_classes if not method or cls.name == method]
+        if method and not targets:
+            raise UnknownNameError("method in parameter", method, per_method)
+        takers = [cls for cls in targets if name in {p["name"] for p in cls.Params.describe()}]
+        if not takers:
+            valid = sorted(
+                {f"{cls.name}.{p['name']}" for cls in targets for p in cls.Params.describe()}
+            )
+            if not valid:
+                raise ParameterError(
+                    f"parameter {key!r} was given, but "
+                    f"{', '.join(c.name for c in targets)} take no parameters"
+                )
+            raise UnknownNameError("parameter", key, valid)
+        for cls in takers:
+            per_method[cls.name][name] = value
+    return per_method
+
+
+class Runner:
+    """Owns the results folder: cache, MLflow store and artifacts all live under it."""
+
+    def __init__(self, results_dir: Path, *, tracking_uri_override: str | None = None) -> None:
+        self.results_dir = Path(results_dir)
+        self.cache = Cache(self.results_dir / "cache")
+        uri = tracking_uri(self.results_dir, tracking_uri_override)
+        local = uri.startswith("sqlite:") or uri.startswith("file:")
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(
+            uri, artifact_root=self.results_dir / "artifacts" if local else None
+        )
+
+    def execute(self, plan: RunPlan) -> list[RunOutcome]:
+        bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
+        return [self._run_method(method, plan, bundle) for method in plan.methods]
+
+    def _run_method(self, method: Method, plan: RunPlan, bundle: Bundle) -> RunOutcome:
+        name = f"{method.name}-{plan.task.name}-{plan.scale}-seed{plan.seed}"
+        tags = {
+            "method": method.name,
+            "family": method.family,
+            "task": plan.task.name,
+            "scale": plan.scale,
+            "code_version": code_version(),
+            "data_hash": bundle.data.fingerprint(),
+            "model_key": bundle.model_key,
+        }
+        _logger.info("running %s on %s/%s", method.name, plan.task.name, plan.scale)
+        try:
+            with self.tracker.run(task=plan.task.name, name=name, tags=tags) as run:
+                run.log_params(_run_params(method, plan, bundle))
+                metrics = _evaluate(method, bundle, run)
+        except Exception as error:  # recorded in MLflow; the next method still runs
+            return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
+        return RunOutcome(method.name, run.run_id, "FINISHED", metrics)
+
+
+def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, object]:
+    params: dict[str, object] = {
+        "method": method.name,
+        "task": plan.task.name,
+        "scale": plan.scale,
+        "seed": plan.seed,
+    }
+    params |= {f"method.{k}": v for k, v in method.params.to_dict().items()}
+    params |= {f"model.{k}": v for k, v in bundle.recipe.to_dict().items()}
+    params |= {f"task.{k}": v for k, v in plan.task.scale(plan.scale).config.to_dict().items()}
+    return params
+
+
+def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
+    queries = bundle.learned_queries
+    task_metrics = {
+        "queries_total": len(bundle.data.queries),
+        "queries_scored": len(queries),
+        "learned_fraction": len(queries) / max(1, len(bundle.data.queries)),
+        "heldout_loss": bundle.heldout_loss,
+    }
+    run.log_metrics(task_metrics)
+    if not queries:
+        raise ValueError(
+            f"the model learned none of the {len(bundle.data.queries)} queries; "
+            "there is nothing to attribute (train longer or use a larger scale)"
+        )
+
+    with CostMeter() as fit_cost:
+        method.fit(bundle)
+    with CostMeter() as score_cost:
+        scores = np.asarray(method.score(bundle, queries), dtype=np.float64)
+    _check_scores(method, scores, (len(queries), len(bundle.data.documents)))
+
+    index = {doc_id: i for i, doc_id in enumerate(bundle.data.document_ids)}
+    relevant = [[index[doc_id] for doc_id in query.relevant] for query in queries]
+    per_query = query_metrics(scores, relevant, seed=bundle.seed)
+    metrics = {
+        **summarize(per_query, seed=bundle.seed),
+        "fit_seconds": fit_cost.seconds,
+        "score_seconds": score_cost.seconds,
+        "peak_memory_mb": max(fit_cost.peak_memory_mb, score_cost.peak_memory_mb),
+    }
+    run.log_metrics(metrics)
+    _log_artifacts(run, scores, queries, per_query, method)
+    return {**task_metrics, **metrics}
+
+
+def _check_scores(method: Method, scores: np.ndarray, shape: tuple[int, int]) -> None:
+    if scores.shape != shape:
+        raise ValueError(
+            f"{method.name}.score must return shape {shape} "
+            f"(queries × documents), but returned {scores.shape}"
+        )
+    bad_rows = int((~np.isfinite(scores)).any(axis=1).sum())
+    if bad_rows:
+        raise ScoresNotFiniteError(
+            f"{method.name} produced NaN or infinite scores for {bad_rows} of {shape[0]} queries"
+        )
+
+
+def _log_artifacts(
+    run, scores: np.ndarray, queries: list[Query], per_query: dict[str, np.ndarray], method: Method
+) -> None:
+    table = pl.DataFrame(
+        {
+            "query_id": [q.id for q in queries],
+            "prompt": [q.prompt for q in queries],
+            "target": [q.target for q in queries],
+            "n_relevant": [len(q.relevant) for q in queries],
+            **{name: values for name, values in per_query.items()},
+        }
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        np.save(folder / "scores.npy", scores.astype(np.float32))  # queries × documents
+        table.write_csv(folder / "per_query.csv")
+        (folder / "method.json").write_text(
+            json.dumps(
+                {
+                    "method": method.name,
+                    "family": method.family,
+                    "params": method.params.to_dict(),
+                    "rows": [q.id for q in queries],
+                },
+                indent=2,
+            )
+        )
+        for path in sorted(folder.iterdir()):
+            run.log_artifact(path)

@@ -1,0 +1,107 @@
+"""MLflow bookkeeping: where runs go, and one run's life from start to FINISHED or FAILED.
+
+The client API is used rather than MLflow's global "active run", so the
+harness never leaves tracking state behind in the caller's process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+import harness
+
+_logger = logging.getLogger(__name__)
+
+TASK_TAG = "harness.task"
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(results_dir: Path, override: str | None = None) -> str:
+    """``override``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the results folder."""
+    if override:
+        return override
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(results_dir).resolve()}/mlflow.db"
+    )
+
+
+def code_version() -> str:
+    """The package version, with the git commit when running from a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(harness.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return harness.__version__
+    return f"{harness.__version__}+{commit}"
+
+
+class Tracker:
+    """Creates one experiment per task and one MLflow run per method run."""
+
+    def __init__(self, uri: str, *, artifact_root: Path | None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.artifact_root = artifact_root  # None lets the tracking server decide
+
+    def experiment_id(self, task: str) -> str:
+        experiment = self.client.get_experiment_by_name(task)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.artifact_root is not None:
+            location = (self.artifact_root / task).resolve().as_uri()
+        return self.client.create_experiment(
+            task, artifact_location=location, tags={TASK_TAG: task}
+        )
+
+    @contextlib.contextmanager
+    def run(self, *, task: str, name: str, tags: dict[str, str]) -> Iterator[ActiveRun]:
+        """A run that ends FINISHED, or FAILED with the error recorded if the body raises."""
+        run = self.client.create_run(self.experiment_id(task), run_name=name, tags=tags)
+        active = ActiveRun(self.client, run.info.run_id)
+        try:
+            yield active
+        except BaseException as error:
+            message = f"{type(error).__name__}: {error}"
+            self.client.set_tag(run.info.run_id, "error", message[:5000])
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+            _logger.error("run %s failed: %s", run.info.run_id, message)
+            raise
+        self.client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+class ActiveRun:
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        batch = [Param(key, str(value)[:MAX_PARAM_LENGTH]) for key, value in params.items()]
+        self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))

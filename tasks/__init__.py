@@ -1,0 +1,3 @@
+"""Built-in tasks; importing the package registers them."""
+
+from tasks import facts  # noqa: F401

@@ -1,0 +1,21 @@
+"""The real, human-written background text that tasks plant data into."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from harness.tokenizer import split_words
+
+BACKGROUND_DIR = Path(__file__).with_name("background")
+JARGON_FILE = BACKGROUND_DIR / "jargon.txt"
+
+# paragraphs are kept short enough that a planted sentence still fits a 96-token context
+MAX_PARAGRAPH_TOKENS = 64
+
+
+@functools.cache
+def background_paragraphs() -> tuple[str, ...]:
+    """Jargon File 4.4.7 (public domain) paragraphs of at most 64 tokens, in source order."""
+    lines = JARGON_FILE.read_text(encoding="ascii").splitlines()
+    return tuple(line for line in lines if 0 < len(split_words(line)) <= MAX_PARAGRAPH_TOKENS)

@@ -1,0 +1,140 @@
+"""The command line through click's test runner: listings, bad input, and a full tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from harness.cli import main
+
+
+def _invoke(results_dir, *args):
+    return CliRunner().invoke(
+        main, ["--results-dir", str(results_dir), *args], catch_exceptions=False
+    )
+
+
+def test_list_shows_methods_tasks_and_parameters(results_dir):
+    result = _invoke(results_dir, "list")
+    assert result.exit_code == 0
+    for text in (
+        "bm25",
+        "grad_cos",
+        "grad_dot",
+        "random",
+        "tracin",
+        "facts",
+        "k1=1.5",
+        "--scale tiny",
+    ):
+        assert text in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "bm52", "--task", "facts"], "unknown method 'bm52'"),
+        (["--method", "bm25,nope", "--task", "facts"], "valid choices: bm25, grad_cos"),
+        (["--method", "bm25", "--task", "fcts"], "Did you mean 'facts'"),
+        (
+            ["--method", "bm25", "--task", "facts", "--scale", "huge"],
+            "unknown scale of task 'facts' 'huge'",
+        ),
+        (
+            ["--method", "bm25", "--task", "facts", "--param", "k1=high"],
+            "'k1' must be of type float",
+        ),
+        (
+            ["--method", "bm25", "--task", "facts", "--param", "b=2"],
+            r"'b' must lie in \[0.0, 1.0\]",
+        ),
+        (
+            ["--method", "bm25", "--task", "facts", "--param", "depth=3"],
+            "unknown parameter 'depth'",
+        ),
+        (
+            ["--method", "random", "--task", "facts", "--param", "k1=1"],
+            "random take no parameters",
+        ),
+        (["--method", "bm25", "--task", "facts", "--param", "k1"], "expected KEY=VALUE"),
+        (
+            ["--method", "bm25", "--task", "facts", "--param", "tracin.normalize=1"],
+            "unknown method in parameter 'tracin'",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message_before_any_work(results_dir, args, message):
+    result = CliRunner().invoke(main, ["--results-dir", str(results_dir), "run", *args])
+    assert result.exit_code == 2, result.output
+    assert pytest.importorskip("re").search(message, result.output), result.output
+    assert not (results_dir / "cache").exists()  # nothing was built or trained
+
+
+def test_run_all_methods_then_leaderboard(results_dir, caplog):
+    result = _invoke(results_dir, "run", "--method", "all", "--task", "facts", "--scale", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "MRR [95% CI]" in result.output and "mlflow ui --backend-store-uri" in result.output
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{results_dir.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("facts")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["method"] for r in runs) == [
+        "bm25",
+        "grad_cos",
+        "grad_dot",
+        "random",
+        "tracin",
+    ]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["task"] == "facts" and run.data.params["scale"] == "tiny"
+        assert run.data.params["model.depth"] == "1"
+        assert {"family", "code_version", "data_hash"} <= run.data.tags.keys()
+        metrics = run.data.metrics
+        for name in ("mrr", "recall_at_1", "recall_at_10", "recall_at_50", "auprc"):
+            assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+        assert metrics["fit_seconds"] >= 0 and metrics["score_seconds"] >= 0
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert artifacts == {"scores.npy", "per_query.csv", "method.json"}
+        folder = client.download_artifacts(run.info.run_id, "")
+        scores = np.load(f"{folder}/scores.npy", allow_pickle=False)
+        rows = json.loads(Path(folder, "method.json").read_text())["rows"]
+        assert scores.shape == (metrics["queries_scored"], 60) == (len(rows), 60)
+        per_query = pl.read_csv(f"{folder}/per_query.csv")
+        assert per_query["reciprocal_rank"].mean() == pytest.approx(metrics["mrr"])
+
+    # a second run of one method reuses the cached model and is its own MLflow run
+    with caplog.at_level("INFO"):
+        again = _invoke(
+            results_dir, "run", "--method", "bm25", "--task", "facts", "--scale", "tiny"
+        )
+    assert again.exit_code == 0
+    assert "found existing model" in caplog.text and "training a" not in caplog.text
+    assert len(client.search_runs([experiment.experiment_id])) == 6
+
+    out = results_dir / "board.csv"
+    board = _invoke(results_dir, "leaderboard", "--out", str(out))
+    assert board.exit_code == 0, board.output
+    table = pl.read_csv(out)
+    assert table.height == 5 and set(table["method"]) == {
+        "bm25",
+        "grad_cos",
+        "grad_dot",
+        "random",
+        "tracin",
+    }
+    assert table.filter(pl.col("method") == "bm25")["n_runs"].item() == 2
+    assert table["rank"].min() == 1
+    assert table.sort("rank")["mrr"].is_sorted(descending=True)
+
+
+def test_leaderboard_of_an_empty_store_says_what_to_do(results_dir):
+    result = _invoke(results_dir, "leaderboard")
+    assert result.exit_code == 0
+    assert "No finished runs yet" in result.output

@@ -1,0 +1,76 @@
+"""Typed parameter sets: parsing, validation and the registry's error messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import ParameterError, UnknownNameError
+from harness.method import METHODS
+from harness.task import TASKS
+from harness.training import TrainRecipe
+from methods.bm25 import BM25Params
+from methods.gradient import TracInParams
+from tasks.facts import FactsConfig
+
+
+def test_strings_are_parsed_to_the_declared_types():
+    params = TracInParams.from_strings({"normalize": "true", "last_checkpoints": "2"})
+    assert params.normalize is True and params.last_checkpoints == 2
+    assert BM25Params.from_strings({"k1": "2"}).k1 == 2.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"k1": "abc"}, "'k1' must be of type float, but got 'abc'"),
+        ({"k1": "9"}, r"'k1' must lie in \[0.0, 5.0\], but got 9.0"),
+        ({"k3": "1"}, "unknown parameter 'k3'; valid choices: b, k1. Did you mean 'k1'"),
+    ],
+)
+def test_bad_strings_name_the_value_and_the_valid_choices(overrides, message):
+    with pytest.raises((ParameterError, UnknownNameError), match=message):
+        BM25Params.from_strings(overrides)
+
+
+def test_booleans_and_integers_are_not_confused():
+    with pytest.raises(ParameterError, match="must be of type bool"):
+        TracInParams.from_strings({"normalize": "maybe"})
+    with pytest.raises(ParameterError, match="must be of type int"):
+        TracInParams(last_checkpoints=True)
+
+
+def test_cross_field_rules_fail_at_construction():
+    with pytest.raises(ValueError, match="heads must divide width"):
+        TrainRecipe(width=30, heads=4)
+    with pytest.raises(ValueError, match="min_statements"):
+        FactsConfig(min_statements=4, max_statements=2)
+
+
+def test_to_dict_round_trips():
+    recipe = TrainRecipe(depth=3, learning_rate=1e-3)
+    assert TrainRecipe(**recipe.to_dict()) == recipe
+
+
+def test_learning_rate_schedule():
+    recipe = TrainRecipe(
+        steps=100, warmup_steps=10, learning_rate=1.0, final_lr_fraction=0.2, checkpoints=4
+    )
+    assert recipe.learning_rate_at(0) == pytest.approx(0.1)
+    assert recipe.learning_rate_at(10) == pytest.approx(1.0)
+    assert recipe.learning_rate_at(100) == pytest.approx(0.2)  # cosine reaches the floor
+    assert recipe.checkpoint_steps() == [25, 50, 75, 100]
+
+
+def test_registry_lookup_suggests_the_closest_name():
+    with pytest.raises(UnknownNameError) as error:
+        METHODS.get("grad_cosine")
+    assert "Did you mean 'grad_cos'" in str(error.value)
+    assert "bm25" in str(error.value) and "tracin" in str(error.value)
+    with pytest.raises(UnknownNameError, match=r"unknown task 'fact'.*Did you mean 'facts'"):
+        TASKS.get("fact")
+
+
+def test_builtins_are_registered():
+    assert {"random", "bm25", "grad_dot", "grad_cos", "tracin"} <= set(METHODS.names())
+    assert METHODS.get("tracin").family == "gradient"
+    assert "facts" in TASKS.names()
