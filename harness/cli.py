@@ -144,9 +144,9 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
     if finished:
         m = finished[0].metrics
         click.echo(
-            f"\n{task}/{scale}: the model learned {int(m['queries_scored'])} of "
-            f"{int(m['queries_total'])} planted facts ({m['learned_fraction']:.0%}); "
-            f"held-out loss {m['heldout_loss']:.3f}. Scored on the learned ones.\n"
+            f"\n{task}/{scale}: the model learned {int(m['queries_scored'])} of the "
+            f"{int(m['queries_total'])} queries' targets ({m['learned_fraction']:.0%}), "
+            f"held-out loss {m['heldout_loss']:.3f}; attribution is scored on the learned ones.\n"
         )
     header = (
         f"{'method':<10} {'MRR [95% CI]':<22} {'R@1':>6} {'R@10':>6} {'R@50':>6} "

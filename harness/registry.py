@@ -62,8 +62,12 @@ class Registry(Generic[T]):
         importlib.import_module(self.builtin_package)
         for entry_point in entry_points(group=self.group):
             try:
-                entry_point.load()  # defining the class registers it
+                loaded = entry_point.load()  # a class that registers itself is now known
             except Exception as error:  # a broken plugin must not hide the others
                 _logger.warning(
                     "could not load %s plugin %r: %s", self.kind, entry_point.name, error
                 )
+                continue
+            if isinstance(loaded, type) and loaded not in self._classes.values():
+                # a class that does not register itself is known by its entry-point name
+                self.add(entry_point.name, loaded)

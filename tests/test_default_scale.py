@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 def test_default_scale_learns_the_facts_and_methods_beat_random(results_dir):
     result = CliRunner().invoke(
-        main, ["--results-dir", str(results_dir), "run", "--method", "all", "--task", "facts"],
+        main,
+        ["--results-dir", str(results_dir), "run", "--method", "all", "--task", "facts"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

@@ -1,0 +1,67 @@
+"""Failure semantics: a failed method is recorded as FAILED and never ranked; others survive."""
+
+from __future__ import annotations
+
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from harness.leaderboard import build_leaderboard, collect_runs
+from harness.method import Method
+from harness.runner import Runner, RunPlan
+from methods.baseline import RandomScores
+from tasks.facts import FactsTask
+
+
+class NaNScores(Method):  # no name keyword: kept out of the global registry
+    name, family = "nan_scores", "baseline"
+
+    def score(self, bundle, queries):
+        scores = np.zeros((len(queries), len(bundle.data.documents)))
+        scores[0, 3] = np.nan
+        return scores
+
+
+class Exploding(Method):
+    name, family = "exploding", "baseline"
+
+    def fit(self, bundle):
+        raise RuntimeError("out of cheese")
+
+    def score(self, bundle, queries):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+class WrongShape(Method):
+    name, family = "wrong_shape", "baseline"
+
+    def score(self, bundle, queries):
+        return np.zeros((len(queries), 2))
+
+
+def test_failed_runs_are_marked_and_never_ranked(results_dir):
+    runner = Runner(results_dir)
+    plan = RunPlan(
+        task=FactsTask(),
+        scale="tiny",
+        seed=0,
+        methods=(RandomScores(), NaNScores(), Exploding(), WrongShape()),
+    )
+    outcomes = {o.method: o for o in runner.execute(plan)}
+
+    assert outcomes["random"].status == "FINISHED"
+    assert outcomes["nan_scores"].status == "FAILED"
+    assert "NaN or infinite scores for 1 of" in outcomes["nan_scores"].error
+    assert outcomes["exploding"].error == "RuntimeError: out of cheese"
+    assert "must return shape" in outcomes["wrong_shape"].error
+
+    client = MlflowClient(tracking_uri=runner.tracker.uri)
+    runs = client.search_runs([client.get_experiment_by_name("facts").experiment_id])
+    status = {r.data.tags["method"]: (r.info.status, r.data.tags.get("error", "")) for r in runs}
+    assert status["random"] == ("FINISHED", "")
+    assert (
+        status["nan_scores"][0] == "FAILED" and "ScoresNotFiniteError" in status["nan_scores"][1]
+    )
+    assert status["exploding"] == ("FAILED", "RuntimeError: out of cheese")
+
+    board = build_leaderboard(collect_runs(runner.tracker.uri))
+    assert board["method"].to_list() == ["random"]
