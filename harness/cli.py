@@ -13,9 +13,11 @@ import click
 import polars as pl
 
 from harness.errors import HarnessError
+from harness.leaderboard import write_leaderboard
 from harness.method import METHODS
 from harness.runner import Runner, RunOutcome, parse_method_names, plan_runs
 from harness.task import TASKS
+from harness.tracking import TrackingStoreError, tracking_uri
 
 _logger = logging.getLogger(__name__)
 
@@ -126,10 +128,10 @@ def run(
             seed=seed,
             overrides=_parse_key_values(params),
         )
+        runner = Runner(obj["results_dir"], tracking_uri_override=obj["tracking_uri"])
     except (HarnessError, ValueError, TypeError) as error:
         raise click.UsageError(str(error)) from None
 
-    runner = Runner(obj["results_dir"], tracking_uri_override=obj["tracking_uri"])
     outcomes = runner.execute(plan)
     _print_summary(outcomes, plan.task.name, plan.scale)
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
@@ -178,8 +180,6 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
 @click.pass_obj
 def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
     """Rank the finished MLflow runs per task and write them as CSV."""
-    from harness.leaderboard import write_leaderboard
-    from harness.tracking import tracking_uri
 
     for name in tasks:
         try:
@@ -188,7 +188,10 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
             raise click.BadParameter(str(error), param_hint="--task") from None
     out = out or obj["results_dir"] / "leaderboard.csv"
     uri = tracking_uri(obj["results_dir"], obj["tracking_uri"])
-    table = write_leaderboard(uri, out, tasks=tasks)
+    try:
+        table = write_leaderboard(uri, out, tasks=tasks)
+    except TrackingStoreError as error:
+        raise click.UsageError(str(error)) from None
     if table.is_empty():
         click.echo("No finished runs yet: start one with `harness run --method all --task facts`.")
     else:

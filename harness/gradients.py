@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
 
 from harness.data import Sequences
 from harness.model import GPT, sequence_losses
@@ -58,7 +59,9 @@ def gradient_products(
     if normalize:
         query_grads = _unit_rows(query_grads)
     blocks = []
-    for document_grads in per_example_gradients(model, documents, chunk_size=chunk_size):
+    chunks = per_example_gradients(model, documents, chunk_size=chunk_size)
+    total = -(-len(documents) // chunk_size)
+    for document_grads in tqdm(chunks, desc="document gradients", total=total, leave=False):
         if normalize:
             document_grads = _unit_rows(document_grads)
         blocks.append(query_grads @ document_grads.T)

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import polars as pl
 from mlflow.entities import ViewType
-from mlflow.tracking import MlflowClient
 
 from harness.metrics import SUMMARY_NAMES
-from harness.tracking import TASK_TAG
+from harness.tracking import TASK_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ RANK_BY = "mrr"
 
 def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
     """One row per finished harness run: task, scale, method, run_id and every metric."""
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     experiments = [
         e
         for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)

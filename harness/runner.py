@@ -113,14 +113,14 @@ class Runner:
         self.results_dir = Path(results_dir)
         self.cache = Cache(self.results_dir / "cache")
         uri = tracking_uri(self.results_dir, tracking_uri_override)
-        local = uri.startswith("sqlite:") or uri.startswith("file:")
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        local = uri.startswith(("sqlite:", "file:"))
         self.tracker = Tracker(
             uri, artifact_root=self.results_dir / "artifacts" if local else None
         )
 
     def execute(self, plan: RunPlan) -> list[RunOutcome]:
+        # an unreachable tracking store fails now, not after minutes of training
+        self.tracker.experiment_id(plan.task.name)
         bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
         return [self._run_method(method, plan, bundle) for method in plan.methods]
 
@@ -142,6 +142,13 @@ class Runner:
                 metrics = _evaluate(method, bundle, run)
         except Exception as error:  # recorded in MLflow; the next method still runs
             return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
+        _logger.info(
+            "%s finished in %.1f s: MRR %.3f (run %s)",
+            method.name,
+            metrics["fit_seconds"] + metrics["score_seconds"],
+            metrics["mrr"],
+            run.run_id,
+        )
         return RunOutcome(method.name, run.run_id, "FINISHED", metrics)
 
 

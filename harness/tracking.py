@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 import harness
+from harness.errors import HarnessError
 
 _logger = logging.getLogger(__name__)
 
@@ -52,12 +53,31 @@ def code_version() -> str:
     return f"{harness.__version__}+{commit}"
 
 
+class TrackingStoreError(HarnessError, ConnectionError):
+    """The MLflow tracking store cannot be opened or written."""
+
+
+def open_client(uri: str) -> MlflowClient:
+    """An MLflow client on ``uri``; a local SQLite store's folder is created if missing."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # touch the store: fail here, not later
+    except Exception as error:
+        raise TrackingStoreError(
+            f"cannot use the MLflow tracking store {uri!r}: {error}. Pass --tracking-uri "
+            "(or MLFLOW_TRACKING_URI) with a reachable store, e.g. sqlite:///results/mlflow.db"
+        ) from error
+    return client
+
+
 class Tracker:
     """Creates one experiment per task and one MLflow run per method run."""
 
     def __init__(self, uri: str, *, artifact_root: Path | None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
         self.artifact_root = artifact_root  # None lets the tracking server decide
 
     def experiment_id(self, task: str) -> str:

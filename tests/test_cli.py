@@ -138,3 +138,48 @@ def test_leaderboard_of_an_empty_store_says_what_to_do(results_dir):
     result = _invoke(results_dir, "leaderboard")
     assert result.exit_code == 0
     assert "No finished runs yet" in result.output
+
+
+def test_an_unusable_tracking_store_is_refused_before_training(results_dir):
+    result = CliRunner().invoke(
+        main,
+        [
+            "--results-dir",
+            str(results_dir),
+            "--tracking-uri",
+            "nosuchscheme://x",
+            "run",
+            "--method",
+            "bm25",
+            "--task",
+            "facts",
+            "--scale",
+            "tiny",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "cannot use the MLflow tracking store 'nosuchscheme://x'" in result.output
+    assert not (results_dir / "cache").exists()
+
+
+def test_the_tracking_uri_can_come_from_the_environment(results_dir, tmp_path, monkeypatch):
+    store = tmp_path / "elsewhere" / "store.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    result = CliRunner().invoke(
+        main,
+        [
+            "--results-dir",
+            str(results_dir),
+            "run",
+            "--method",
+            "random",
+            "--task",
+            "facts",
+            "--scale",
+            "tiny",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert store.is_file() and not (results_dir / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    assert len(client.search_runs([client.get_experiment_by_name("facts").experiment_id])) == 1

@@ -84,3 +84,12 @@ def test_bad_configurations_and_scales_are_rejected():
         FactsConfig(background_documents=20, entities=10)
     with pytest.raises(UnknownNameError, match="valid choices: medium, small, tiny"):
         FactsTask.scale("large")
+
+
+@pytest.mark.parametrize("scale", sorted(FactsTask.scales))
+def test_every_scale_builds_and_fits_its_models_context(scale):
+    preset = FactsTask.scale(scale)
+    data = FactsTask().build(preset.config, seed=0)
+    assert len(data.documents) == preset.config.background_documents
+    assert len(data.queries) == preset.config.entities * preset.config.facts_per_entity
+    assert max(len(split_words(d.text)) for d in data.documents) < preset.recipe.context
