@@ -5,8 +5,11 @@ stdout carries results (tables, paths); progress and logs go to stderr.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -19,20 +22,54 @@ from harness.runner import Runner, RunOutcome, parse_method_names, plan_runs
 from harness.task import TASKS
 from harness.tracking import TrackingStoreError, tracking_uri
 
-_logger = logging.getLogger(__name__)
+DEFAULT_RESULTS = Path("results")
 
-DEFAULT_RESULTS = "results"
+# a tracking server that does not answer should fail in seconds, not retry for minutes
+_MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+}
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     )
-    for noisy in ("alembic", "mlflow", "urllib3", "git", "bm25s"):
+    # the handler's level filters too: some libraries set their own loggers to DEBUG
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler.set_name("harness-cli")
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if h.get_name() != "harness-cli"] + [handler]
+    root.setLevel(handler.level)
+    for noisy in ("alembic", "mlflow", "urllib3", "git", "bm25s", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _store_options(command: Callable) -> Callable:
+    """``--results-dir`` and ``--tracking-uri``, accepted before or after the subcommand."""
+
+    @click.option(
+        "--results-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Folder for the cache, the MLflow store and exported tables "
+        "(env HARNESS_RESULTS_DIR; default results/).",
+    )
+    @click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (env MLFLOW_TRACKING_URI; "
+        "default sqlite:///<results-dir>/mlflow.db).",
+    )
+    @functools.wraps(command)
+    def wrapper(*args, results_dir: Path | None, tracking_uri: str | None, **kwargs):
+        obj = click.get_current_context().ensure_object(dict)
+        obj["results_dir"] = results_dir or obj.get("results_dir") or DEFAULT_RESULTS
+        obj["tracking_uri"] = tracking_uri or obj.get("tracking_uri")
+        return command(obj, *args, **kwargs)
+
+    return wrapper
 
 
 @click.group()
@@ -48,14 +85,15 @@ def _configure_logging(verbose: bool) -> None:
     "--tracking-uri",
     envvar="MLFLOW_TRACKING_URI",
     default=None,
-    help="MLflow tracking URI (env MLFLOW_TRACKING_URI); "
-    "default sqlite:///<results-dir>/mlflow.db.",
+    help="MLflow tracking URI (env MLFLOW_TRACKING_URI; default sqlite:///<results-dir>/mlflow.db).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def main(ctx: click.Context, results_dir: Path, tracking_uri: str | None, verbose: bool) -> None:
     """Score training-data attribution methods against planted ground truth."""
     _configure_logging(verbose)
+    for name, value in _MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     ctx.obj = {"results_dir": results_dir, "tracking_uri": tracking_uri}
 
 
@@ -96,9 +134,7 @@ def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @main.command()
-@click.option(
-    "--method", "methods", required=True, help="A method, a comma-separated list, or 'all'."
-)
+@click.option("--method", "methods", required=True, help="A method, a comma list, or 'all'.")
 @click.option("--task", required=True, help="A registered task (see `harness list`).")
 @click.option("--scale", default=None, help="Task scale preset; the task's default if omitted.")
 @click.option(
@@ -115,7 +151,7 @@ def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
     metavar="KEY=VALUE",
     help="Method parameter; METHOD.KEY=VALUE targets one method. Repeatable.",
 )
-@click.pass_obj
+@_store_options
 def run(
     obj: dict, methods: str, task: str, scale: str | None, seed: int, params: tuple[str, ...]
 ) -> None:
@@ -169,6 +205,10 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
         )
 
 
+LEADERBOARD_SHOWN = ["task", "scale", "rank", "method", "params", "n_runs", "mrr", "mrr_ci_low",
+                     "mrr_ci_high", "recall_at_10", "auprc", "score_seconds"]  # fmt: skip
+
+
 @main.command()
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option(
@@ -177,36 +217,35 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
     default=None,
     help="CSV path; default <results-dir>/leaderboard.csv.",
 )
-@click.pass_obj
+@_store_options
 def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
     """Rank the finished MLflow runs per task and write them as CSV."""
-
     for name in tasks:
         try:
             TASKS.get(name)
         except HarnessError as error:
             raise click.BadParameter(str(error), param_hint="--task") from None
     out = out or obj["results_dir"] / "leaderboard.csv"
+    _check_writable(out)
     uri = tracking_uri(obj["results_dir"], obj["tracking_uri"])
     try:
         table = write_leaderboard(uri, out, tasks=tasks)
     except TrackingStoreError as error:
         raise click.UsageError(str(error)) from None
+
     if table.is_empty():
         click.echo("No finished runs yet: start one with `harness run --method all --task facts`.")
     else:
-        shown = table.select(
-            "task",
-            "scale",
-            "rank",
-            "method",
-            "n_runs",
-            "mrr",
-            "recall_at_10",
-            "auprc",
-            "fit_seconds",
-            "score_seconds",
-        )
-        with pl.Config(tbl_rows=50, tbl_hide_dataframe_shape=True, float_precision=3):
-            click.echo(shown)
+        with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=200, float_precision=3,
+                       tbl_hide_dataframe_shape=True, fmt_str_lengths=40):  # fmt: skip
+            click.echo(table.select(LEADERBOARD_SHOWN))
     click.echo(f"Wrote {out}")
+
+
+def _check_writable(out: Path) -> None:
+    """Fail as a usage error, before reading any run, if ``out`` cannot be written."""
+    existing = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise click.BadParameter(
+            f"cannot write {out}: {existing} is not a writable folder", param_hint="--out"
+        )

@@ -13,12 +13,15 @@ class HarnessError(Exception):
 class UnknownNameError(HarnessError, KeyError):
     """A method, task, scale or parameter name that is not registered."""
 
-    def __init__(self, kind: str, name: str, valid: Iterable[str]) -> None:
-        self.kind, self.name, self.valid = kind, name, sorted(valid)
+    def __init__(self, kind: str, name: str, valid: Iterable[str], *, where: str = "") -> None:
+        self.kind, self.name, self.valid, self.where = kind, name, sorted(valid), where
         super().__init__(self._message())
 
     def _message(self) -> str:
-        message = f"unknown {self.kind} {self.name!r}; valid choices: {', '.join(self.valid)}"
+        where = f" {self.where}" if self.where else ""
+        message = (
+            f"unknown {self.kind} {self.name!r}{where}; valid choices: {', '.join(self.valid)}"
+        )
         close = difflib.get_close_matches(self.name, self.valid, n=1, cutoff=0.5)
         return message + (f". Did you mean {close[0]!r}?" if close else ".")
 

@@ -61,7 +61,9 @@ def gradient_products(
     blocks = []
     chunks = per_example_gradients(model, documents, chunk_size=chunk_size)
     total = -(-len(documents) // chunk_size)
-    for document_grads in tqdm(chunks, desc="document gradients", total=total, leave=False):
+    for document_grads in tqdm(
+        chunks, desc="document gradients", total=total, leave=False, disable=None
+    ):
         if normalize:
             document_grads = _unit_rows(document_grads)
         blocks.append(query_grads @ document_grads.T)

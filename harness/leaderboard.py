@@ -1,35 +1,42 @@
 """Collect finished MLflow runs into a polars table and rank methods per task.
 
 Only FINISHED runs are read: a failed run (an error, or NaN scores) is never
-ranked. Each row is one (task, scale, method); metric columns are means over
-that method's finished runs, and ``n_runs`` says how many there were.
+ranked. A row is one configuration of a method on a task and scale (the method
+and its parameters); runs of that configuration with different seeds are
+pooled, and a repeated run of the same seed counts once, its latest run.
+
+Intervals: with one seed, a metric's ``_ci_low``/``_ci_high`` are the run's own
+bootstrap interval over queries; with several seeds they are a Student-t 95%
+interval of the mean over seeds. ``ci_basis`` says which.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
 from mlflow.entities import ViewType
+from scipy import stats
 
-from harness.metrics import SUMMARY_NAMES
+from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.tracking import TASK_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
-FIDELITY = [
-    f"{name}{suffix}" for name in SUMMARY_NAMES.values() for suffix in ("", "_ci_low", "_ci_high")
-]
+FIDELITY = list(SUMMARY_NAMES.values())
+INTERVALS = [f"{name}{suffix}" for name in FIDELITY for suffix in ("_ci_low", "_ci_high")]
 COST = ["fit_seconds", "score_seconds", "peak_memory_mb"]
 CONTEXT = ["queries_scored", "learned_fraction", "heldout_loss"]
-METRICS = FIDELITY + COST + CONTEXT
+METRICS = FIDELITY + INTERVALS + COST + CONTEXT
+CONFIGURATION = ["task", "scale", "method", "params"]
 RANK_BY = "mrr"
 
 
 def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
-    """One row per finished harness run: task, scale, method, run_id and every metric."""
+    """One row per finished harness run: its configuration, seed, start time and metrics."""
     client = open_client(uri)
     experiments = [
         e
@@ -43,40 +50,73 @@ def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
             filter_string="attributes.status = 'FINISHED'",
             max_results=50_000,
         )
-        for run in runs:
-            rows.append(
-                {
-                    "task": experiment.tags[TASK_TAG],
-                    "scale": run.data.tags.get("scale"),
-                    "method": run.data.tags.get("method"),
-                    "run_id": run.info.run_id,
-                    **{m: run.data.metrics.get(m) for m in METRICS},
-                }
-            )
+        rows += [_run_row(experiment.tags[TASK_TAG], run) for run in runs]
     schema = {
         "task": pl.String,
         "scale": pl.String,
         "method": pl.String,
+        "params": pl.String,
+        "seed": pl.Int64,
         "run_id": pl.String,
+        "start_time": pl.Int64,
         **{m: pl.Float64 for m in METRICS},
     }
     return pl.DataFrame(rows, schema=schema)
 
 
+def _run_row(task: str, run) -> dict:
+    params = run.data.params
+    method_params = {
+        k.removeprefix("method."): v for k, v in params.items() if k.startswith("method.")
+    }
+    return {
+        "task": task,
+        "scale": run.data.tags.get("scale"),
+        "method": run.data.tags.get("method"),
+        "params": json.dumps(method_params, sort_keys=True),
+        "seed": int(params.get("seed", 0)),
+        "run_id": run.info.run_id,
+        "start_time": run.info.start_time,
+        **{m: run.data.metrics.get(m) for m in METRICS},
+    }
+
+
 def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
-    """Mean of each metric per (task, scale, method), ranked by MRR within a task and scale."""
-    table = (
-        runs.group_by("task", "scale", "method")
-        .agg(pl.len().alias("n_runs"), *[pl.col(m).mean() for m in METRICS])
-        .with_columns(pl.col("n_runs").cast(pl.Int64))
+    """One row per configuration, ranked by MRR within each task and scale."""
+    latest = runs.sort("start_time").unique([*CONFIGURATION, "seed"], keep="last")
+    table = latest.group_by(CONFIGURATION).agg(
+        pl.len().cast(pl.Int64).alias("n_runs"),
+        pl.col("seed").sort().cast(pl.String).str.join(" ").alias("seeds"),
+        *[pl.col(m).mean() for m in FIDELITY + COST + CONTEXT],
+        *[pl.col(m).std().alias(f"{m}_std") for m in FIDELITY],
+        *[pl.col(m).first().alias(f"{m}_single") for m in INTERVALS],
+    )
+    t = pl.col("n_runs").map_elements(_t_quantile, return_dtype=pl.Float64)
+    one_seed = pl.col("n_runs") == 1
+    table = table.with_columns(
+        pl.when(one_seed).then(pl.lit("queries")).otherwise(pl.lit("seeds")).alias("ci_basis"),
+        *[
+            pl.when(one_seed)
+            .then(pl.col(f"{m}{side}_single"))
+            .otherwise(pl.col(m) + sign * t * pl.col(f"{m}_std") / pl.col("n_runs").sqrt())
+            .alias(f"{m}{side}")
+            for m in FIDELITY
+            for side, sign in (("_ci_low", -1), ("_ci_high", 1))
+        ],
     )
     # NaN and missing values rank last, never first
     key = pl.when(pl.col(RANK_BY).is_nan()).then(None).otherwise(pl.col(RANK_BY))
     table = table.with_columns(
         key.rank(method="min", descending=True).over("task", "scale").alias("rank")
     )
-    ordered = ["task", "scale", "rank", "method", "n_runs", *METRICS]
+    ordered = ["task", "scale", "rank", "method", "params", "n_runs", "seeds", "ci_basis"]
+    ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
+    ordered += COST + CONTEXT
     return table.select(ordered).sort("task", "scale", "rank", "method", nulls_last=True)
+
+
+def _t_quantile(n: int) -> float:
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) if n > 1 else float("nan")
 
 
 def write_leaderboard(uri: str, out: Path, *, tasks: Sequence[str] = ()) -> pl.DataFrame:

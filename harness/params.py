@@ -57,7 +57,7 @@ class Params:
         for key, text in overrides.items():
             if key not in fields:
                 raise UnknownNameError(cls.kind, key, fields)
-            values[key] = _parse(key, text, hints[key])
+            values[key] = _parse(key, text, hints[key], fields[key].metadata)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _parse(key: str, text: str, annotation: Any) -> Any:
+def _parse(key: str, text: str, annotation: Any, meta: Mapping[str, Any]) -> Any:
     try:
         if annotation is bool:
             lowered = text.strip().lower()
@@ -92,8 +92,20 @@ def _parse(key: str, text: str, annotation: Any) -> Any:
         return annotation(text)
     except (TypeError, ValueError):
         raise ParameterError(
-            f"parameter {key!r} must be of type {_type_name(annotation)}, but got {text!r}"
+            f"parameter {key!r} must be {_describe_valid(annotation, meta)}, but got {text!r}"
         ) from None
+
+
+def _describe_valid(annotation: Any, meta: Mapping[str, Any]) -> str:
+    if annotation is bool:
+        return "a bool (true or false)"
+    text = f"of type {_type_name(annotation)}"
+    if meta.get("choices") is not None:
+        return f"{text}, one of {list(meta['choices'])}"
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None or high is not None:
+        text += f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    return text
 
 
 def _check_value(field: dataclasses.Field, annotation: Any, value: Any) -> None:

@@ -89,16 +89,21 @@ def _split_overrides(
         method, _, name = key.rpartition(".")
         targets = [cls for cls in method_classes if not method or cls.name == method]
         if method and not targets:
-            raise UnknownNameError("method in parameter", method, per_method)
+            METHODS.get(method)  # a misspelled method gets the registry's suggestions
+            raise ParameterError(
+                f"parameter {key!r} is for method {method!r}, which is not selected; "
+                f"selected methods: {', '.join(per_method)}"
+            )
         takers = [cls for cls in targets if name in {p["name"] for p in cls.Params.describe()}]
         if not takers:
             valid = sorted(
                 {f"{cls.name}.{p['name']}" for cls in targets for p in cls.Params.describe()}
             )
             if not valid:
+                names = [c.name for c in targets]
                 raise ParameterError(
-                    f"parameter {key!r} was given, but "
-                    f"{', '.join(c.name for c in targets)} take no parameters"
+                    f"parameter {key!r} was given, but {', '.join(names)} "
+                    f"{'takes' if len(names) == 1 else 'take'} no parameters"
                 )
             raise UnknownNameError("parameter", key, valid)
         for cls in takers:

@@ -53,7 +53,9 @@ class Task(abc.ABC):
         try:
             return cls.scales[name]
         except KeyError:
-            raise UnknownNameError(f"scale of task {cls.name!r}", name, cls.scales) from None
+            raise UnknownNameError(
+                "scale", name, cls.scales, where=f"for task {cls.name!r}"
+            ) from None
 
     @classmethod
     def source_files(cls) -> list[Path]:

@@ -112,7 +112,8 @@ def train(
         "training a %d-parameter model for %d steps", model.num_parameters(), recipe.steps
     )
 
-    progress = tqdm(range(recipe.steps), desc="training", unit="step", leave=False)
+    # disable=None: a bar on a terminal, nothing in a redirected log (checkpoints log instead)
+    progress = tqdm(range(recipe.steps), desc="training", unit="step", leave=False, disable=None)
     for step in progress:
         learning_rate = recipe.learning_rate_at(step)
         for group in optimizer.param_groups:
@@ -125,15 +126,20 @@ def train(
         optimizer.step()
 
         recent_losses = [*recent_losses[-49:], loss.item()]
+        running_loss = sum(recent_losses) / len(recent_losses)
         if step % 20 == 0:
-            progress.set_postfix(loss=f"{sum(recent_losses) / len(recent_losses):.3f}")
+            progress.set_postfix(loss=f"{running_loss:.3f}")
         if step + 1 in keep:
             state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             checkpoints.append(Checkpoint(step + 1, learning_rate, state))
+            _logger.info(
+                "checkpoint at step %d/%d: train loss %.3f, learning rate %.2e",
+                step + 1, recipe.steps, running_loss, learning_rate,
+            )  # fmt: skip
 
     seconds = time.perf_counter() - start
     heldout_loss = mean_token_loss(model, heldout)
-    train_loss = sum(recent_losses) / len(recent_losses)
+    train_loss = running_loss
     _logger.info(
         "trained in %.1f s: train loss %.3f, held-out loss %.3f", seconds, train_loss, heldout_loss
     )

@@ -1,0 +1,75 @@
+"""Leaderboard aggregation on hand-made run tables."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+from scipy import stats
+
+from harness.leaderboard import METRICS, build_leaderboard
+
+
+def _run(method, seed, mrr, *, params="{}", start=0, ci=(0.0, 1.0), scale="small"):
+    row = {m: 0.5 for m in METRICS}
+    row.update({"mrr": mrr, "mrr_ci_low": ci[0], "mrr_ci_high": ci[1]})
+    return {
+        "task": "facts",
+        "scale": scale,
+        "method": method,
+        "params": params,
+        "seed": seed,
+        "run_id": f"{method}-{seed}-{start}",
+        "start_time": start,
+        **row,
+    }
+
+
+def test_configurations_are_separate_rows_and_seeds_are_pooled():
+    runs = pl.DataFrame(
+        [
+            _run("tracin", 0, 0.6, ci=(0.5, 0.7)),
+            _run("tracin", 0, 0.65, params='{"normalize": "True"}'),
+            _run("tracin", 1, 0.3),
+            _run("bm25", 0, 0.9, ci=(0.85, 0.95)),
+        ]
+    )
+    board = build_leaderboard(runs)
+    assert board.height == 3
+    pooled = board.filter((pl.col("method") == "tracin") & (pl.col("params") == "{}")).row(
+        0, named=True
+    )
+    assert pooled["n_runs"] == 2 and pooled["seeds"] == "0 1" and pooled["ci_basis"] == "seeds"
+    assert pooled["mrr"] == pytest.approx(0.45)
+    # Student t over the two seeds: 0.45 ± t(0.975, 1) × sd / sqrt(2)
+    half_width = stats.t.ppf(0.975, 1) * (0.3 * math.sqrt(0.5)) / math.sqrt(2)
+    assert pooled["mrr_ci_low"] == pytest.approx(0.45 - half_width)
+    assert pooled["mrr_ci_high"] == pytest.approx(0.45 + half_width)
+    single = board.filter(pl.col("method") == "bm25").row(0, named=True)
+    assert (single["mrr_ci_low"], single["mrr_ci_high"], single["ci_basis"]) == (
+        0.85,
+        0.95,
+        "queries",
+    )
+    assert board["rank"].to_list() == [1, 2, 3]
+    assert board["method"].to_list() == ["bm25", "tracin", "tracin"]
+
+
+def test_a_repeated_run_of_the_same_seed_counts_once_latest_first():
+    runs = pl.DataFrame([_run("bm25", 0, 0.2, start=1), _run("bm25", 0, 0.4, start=2)])
+    row = build_leaderboard(runs).row(0, named=True)
+    assert row["n_runs"] == 1 and row["mrr"] == 0.4
+
+
+def test_nan_never_ranks_first_and_scales_rank_separately():
+    runs = pl.DataFrame(
+        [
+            _run("a", 0, float("nan")),
+            _run("b", 0, 0.1),
+            _run("c", 0, 0.9, scale="tiny"),
+        ]
+    )
+    board = build_leaderboard(runs)
+    ranks = dict(zip(board["method"], board["rank"], strict=True))
+    assert ranks["b"] == 1 and ranks["c"] == 1 and ranks["a"] is None
