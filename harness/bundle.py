@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ class Bundle:
     checkpoints: list[Checkpoint]  # in training order; the last is the final model
     heldout_loss: float
     learned: dict[str, bool]  # query id -> the model produces its target
+    learned_fraction_untrained: float  # the same check on the initial weights: chance level
     documents: Sequences  # the training documents, encoded as trained on
     model_key: str
 
@@ -75,6 +77,7 @@ def prepare_bundle(task: Task, scale: str, *, seed: int, cache: Cache) -> Bundle
             "data": data_key,
             "recipe": preset.recipe.to_dict(),
             "code": code_fingerprint(_MODEL_CODE),
+            "torch": torch.__version__,
         }
     )
     if cache.has("models", model_key):
@@ -126,14 +129,18 @@ def _train_and_store(
     tokenizer = WordTokenizer.fit(
         texts, min_count=recipe.min_word_count, reserved=data.reserved_words
     )
+    _check_fits_context(data, tokenizer, context=recipe.context)
     config = recipe.model_config(len(tokenizer))
     documents = encode_documents(texts, tokenizer, context=recipe.context)
     heldout = encode_documents(list(data.heldout_texts), tokenizer, context=recipe.context)
-    result = train(config, documents, heldout, recipe, seed=seed)
 
+    # the initial weights train() starts from: how many queries pass by chance
+    torch.manual_seed(seed)
+    untrained = _learned(GPT(config).eval(), data.queries, tokenizer, context=recipe.context)
+    result = train(config, documents, heldout, recipe, seed=seed)
     model = GPT(config)
     model.load_state_dict(result.checkpoints[-1].state)
-    learned = _learned(model.eval(), list(data.queries), tokenizer, context=recipe.context)
+    learned = _learned(model.eval(), data.queries, tokenizer, context=recipe.context)
 
     manifest = {
         "checkpoints": [
@@ -143,12 +150,27 @@ def _train_and_store(
         "train_loss": result.train_loss,
         "train_seconds": result.seconds,
         "learned": learned,
+        "learned_fraction_untrained": sum(untrained.values()) / len(untrained),
         "vocab_size": len(tokenizer),
     }
     with cache.writing("models", key, manifest) as staging:
         tokenizer.save(staging / "tokenizer.json")
         for checkpoint in result.checkpoints:
             save_file(checkpoint.state, staging / f"checkpoint-{checkpoint.step}.safetensors")
+
+
+def _check_fits_context(data: TaskData, tokenizer: WordTokenizer, *, context: int) -> None:
+    """Refuse, before training, documents the model would see truncated or queries too long."""
+    lengths = {d.id: len(tokenizer.encode(d.text)) for d in data.documents}
+    too_long = sorted(doc_id for doc_id, n in lengths.items() if n > context)
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} documents exceed the model's context of {context} tokens "
+            f"(longest {max(lengths.values())}, e.g. {too_long[:3]}); they would be truncated "
+            "and their ground truth lost. Shorten them or raise the recipe's context."
+        )
+    for query in data.queries:
+        encode_completions([query.prompt], [query.target], tokenizer, context=context)
 
 
 def _load_bundle(
@@ -176,6 +198,7 @@ def _load_bundle(
         checkpoints=checkpoints,
         heldout_loss=manifest["heldout_loss"],
         learned=manifest["learned"],
+        learned_fraction_untrained=manifest["learned_fraction_untrained"],
         documents=encode_documents(
             [d.text for d in data.documents], tokenizer, context=recipe.context
         ),
@@ -185,7 +208,7 @@ def _load_bundle(
 
 @torch.no_grad()
 def _learned(
-    model: GPT, queries: list[Query], tokenizer: WordTokenizer, *, context: int
+    model: GPT, queries: Sequence[Query], tokenizer: WordTokenizer, *, context: int
 ) -> dict[str, bool]:
     """A query counts as learned when its target is the likeliest of its candidates."""
     learned = {}

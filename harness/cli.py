@@ -183,7 +183,8 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
         m = finished[0].metrics
         click.echo(
             f"\n{task}/{scale}: the model learned {int(m['queries_scored'])} of the "
-            f"{int(m['queries_total'])} queries' targets ({m['learned_fraction']:.0%}), "
+            f"{int(m['queries_total'])} queries' targets ({m['learned_fraction']:.0%}; "
+            f"untrained: {m['learned_fraction_untrained']:.0%}), "
             f"held-out loss {m['heldout_loss']:.3f}; attribution is scored on the learned ones.\n"
         )
     header = (

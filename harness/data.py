@@ -29,7 +29,8 @@ class Query:
 
     ``relevant`` holds the ids of the documents responsible for the target (the
     ground truth); ``candidates`` are the answers the target competes with when
-    the task checks whether the model learned it (the target among them).
+    the task checks whether the model learned it (the target among them). With
+    no candidates every query is scored, learned or not.
     """
 
     id: str
@@ -37,6 +38,17 @@ class Query:
     target: str
     relevant: tuple[str, ...]
     candidates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.target.strip():
+            raise ValueError(f"query {self.id!r} has an empty target")
+        if not self.relevant:
+            raise ValueError(f"query {self.id!r} names no relevant document")
+        if self.candidates and self.target not in self.candidates:
+            raise ValueError(
+                f"query {self.id!r}: target {self.target!r} must be one of its candidates "
+                f"{list(self.candidates)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,10 @@ class TaskData:
         ids = [document.id for document in self.documents]
         if len(set(ids)) != len(ids):
             raise ValueError(f"task {self.task!r} has duplicate document ids")
+        if not self.queries:
+            raise ValueError(f"task {self.task!r} has no queries")
+        if not any(text.strip() for text in self.heldout_texts):
+            raise ValueError(f"task {self.task!r} has no held-out text for the held-out loss")
         known = set(ids)
         for query in self.queries:
             unknown = set(query.relevant) - known

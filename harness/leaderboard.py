@@ -1,9 +1,11 @@
 """Collect finished MLflow runs into a polars table and rank methods per task.
 
 Only FINISHED runs are read: a failed run (an error, or NaN scores) is never
-ranked. A row is one configuration of a method on a task and scale (the method
-and its parameters); runs of that configuration with different seeds are
-pooled, and a repeated run of the same seed counts once, its latest run.
+ranked. A row is one configuration: a method with its parameters, on a task at
+a scale with its task settings and model recipe (``setup``, a hash of both).
+Parameters that change only memory use (declared ``tune=False``) do not split
+rows. Runs of a configuration with different seeds are pooled, and a repeated
+run of the same seed counts once, its latest run.
 
 Intervals: with one seed, a metric's ``_ci_low``/``_ci_high`` are the run's own
 bootstrap interval over queries; with several seeds they are a Student-t 95%
@@ -21,6 +23,9 @@ import polars as pl
 from mlflow.entities import ViewType
 from scipy import stats
 
+from harness.cache import content_key
+from harness.errors import UnknownNameError
+from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.tracking import TASK_TAG, open_client
 
@@ -29,9 +34,9 @@ _logger = logging.getLogger(__name__)
 FIDELITY = list(SUMMARY_NAMES.values())
 INTERVALS = [f"{name}{suffix}" for name in FIDELITY for suffix in ("_ci_low", "_ci_high")]
 COST = ["fit_seconds", "score_seconds", "peak_memory_mb"]
-CONTEXT = ["queries_scored", "learned_fraction", "heldout_loss"]
+CONTEXT = ["queries_scored", "learned_fraction", "learned_fraction_untrained", "heldout_loss"]
 METRICS = FIDELITY + INTERVALS + COST + CONTEXT
-CONFIGURATION = ["task", "scale", "method", "params"]
+CONFIGURATION = ["task", "scale", "setup", "method", "params"]
 RANK_BY = "mrr"
 
 
@@ -54,6 +59,7 @@ def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
     schema = {
         "task": pl.String,
         "scale": pl.String,
+        "setup": pl.String,
         "method": pl.String,
         "params": pl.String,
         "seed": pl.Int64,
@@ -66,19 +72,33 @@ def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
 
 def _run_row(task: str, run) -> dict:
     params = run.data.params
+    method = run.data.tags.get("method")
+    ignored = _memory_only_params(method)
     method_params = {
-        k.removeprefix("method."): v for k, v in params.items() if k.startswith("method.")
+        key.removeprefix("method."): value
+        for key, value in params.items()
+        if key.startswith("method.") and key.removeprefix("method.") not in ignored
     }
+    setup = {k: v for k, v in params.items() if k.startswith(("model.", "task."))}
     return {
         "task": task,
         "scale": run.data.tags.get("scale"),
-        "method": run.data.tags.get("method"),
+        "setup": content_key(setup)[:8],
+        "method": method,
         "params": json.dumps(method_params, sort_keys=True),
         "seed": int(params.get("seed", 0)),
         "run_id": run.info.run_id,
         "start_time": run.info.start_time,
         **{m: run.data.metrics.get(m) for m in METRICS},
     }
+
+
+def _memory_only_params(method: str | None) -> set[str]:
+    try:
+        declared = METHODS.get(method or "").Params.describe()
+    except UnknownNameError:  # a plugin no longer installed: keep every parameter
+        return set()
+    return {p["name"] for p in declared if not p["tune"]}
 
 
 def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
@@ -107,12 +127,13 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     # NaN and missing values rank last, never first
     key = pl.when(pl.col(RANK_BY).is_nan()).then(None).otherwise(pl.col(RANK_BY))
     table = table.with_columns(
-        key.rank(method="min", descending=True).over("task", "scale").alias("rank")
+        key.rank(method="min", descending=True).over("task", "scale", "setup").alias("rank")
     )
-    ordered = ["task", "scale", "rank", "method", "params", "n_runs", "seeds", "ci_basis"]
+    ordered = ["task", "scale", "setup", "rank", "method", "params", "n_runs", "seeds"]
+    ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
     ordered += COST + CONTEXT
-    return table.select(ordered).sort("task", "scale", "rank", "method", nulls_last=True)
+    return table.select(ordered).sort("task", "scale", "setup", "rank", "method", nulls_last=True)
 
 
 def _t_quantile(n: int) -> float:

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 import time
 
 import psutil
 
 
+def release_free_memory() -> None:
+    """Return memory freed by earlier work to the operating system, where the C library can.
+
+    glibc keeps freed blocks for reuse, so without this the resident size stays
+    at the high-water mark of whatever ran before, and a later measurement would
+    see less growth for the same work.
+    """
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
+
+
 class CostMeter:
     """Times a block and samples its process's resident memory in a background thread.
 
     ``peak_memory_mb`` is the highest resident set size seen while the block ran,
-    minus the size when it started: the memory the work itself needed.
+    minus the size when it started (after freed memory is released): the memory
+    the work itself needed. Sampling misses peaks shorter than ``interval``.
     """
 
     def __init__(self, *, interval: float = 0.005) -> None:
@@ -23,6 +43,7 @@ class CostMeter:
         self._stop = threading.Event()
 
     def __enter__(self) -> CostMeter:
+        release_free_memory()
         self._baseline = self._peak = self._process.memory_info().rss
         self._stop.clear()
         self._sampler = threading.Thread(target=self._sample, daemon=True)

@@ -175,7 +175,8 @@ def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
     task_metrics = {
         "queries_total": len(bundle.data.queries),
         "queries_scored": len(queries),
-        "learned_fraction": len(queries) / max(1, len(bundle.data.queries)),
+        "learned_fraction": len(queries) / len(bundle.data.queries),
+        "learned_fraction_untrained": bundle.learned_fraction_untrained,
         "heldout_loss": bundle.heldout_loss,
     }
     run.log_metrics(task_metrics)

@@ -59,8 +59,14 @@ class Task(abc.ABC):
 
     @classmethod
     def source_files(cls) -> list[Path]:
-        """Files whose content determines the built data (hashed into cache keys)."""
-        return [Path(inspect.getfile(cls))]
+        """Files whose content determines the built data (hashed into cache keys).
+
+        By default every Python file beside the task's module (its helpers) and the
+        engine's data and tokenizer modules; a task that reads data files adds them.
+        """
+        engine = Path(__file__).parent
+        package = Path(inspect.getfile(cls)).parent
+        return [*sorted(package.glob("*.py")), engine / "data.py", engine / "tokenizer.py"]
 
     @abc.abstractmethod
     def build(self, config: Params, *, seed: int) -> TaskData:

@@ -18,4 +18,6 @@ MAX_PARAGRAPH_TOKENS = 64
 def background_paragraphs() -> tuple[str, ...]:
     """Jargon File 4.4.7 (public domain) paragraphs of at most 64 tokens, in source order."""
     lines = JARGON_FILE.read_text(encoding="ascii").splitlines()
-    return tuple(line for line in lines if 0 < len(split_words(line)) <= MAX_PARAGRAPH_TOKENS)
+    # the file repeats a few paragraphs; once each, so no text is both trained on and held out
+    unique = dict.fromkeys(lines)
+    return tuple(line for line in unique if 0 < len(split_words(line)) <= MAX_PARAGRAPH_TOKENS)

@@ -33,7 +33,7 @@ def test_single_term_matches_hand_computation():
     idf = math.log(1.6)
     norm = lambda length: 1.5 * (0.25 + 0.75 * length / (10 / 3))  # noqa: E731
     expected = [idf * 1 / (1 + norm(4)), 0.0, idf * 2 / (2 + norm(4))]
-    np.testing.assert_allclose(_score("cat", ""), expected, rtol=1e-5)
+    np.testing.assert_allclose(_score("the", "cat"), expected, rtol=1e-5)  # "the": unseen
 
 
 def test_prompt_and_target_words_add_up_and_unknown_words_score_nothing():

@@ -11,12 +11,13 @@ from scipy import stats
 from harness.leaderboard import METRICS, build_leaderboard
 
 
-def _run(method, seed, mrr, *, params="{}", start=0, ci=(0.0, 1.0), scale="small"):
+def _run(method, seed, mrr, *, params="{}", start=0, ci=(0.0, 1.0), scale="small", setup="s1"):
     row = {m: 0.5 for m in METRICS}
     row.update({"mrr": mrr, "mrr_ci_low": ci[0], "mrr_ci_high": ci[1]})
     return {
         "task": "facts",
         "scale": scale,
+        "setup": setup,
         "method": method,
         "params": params,
         "seed": seed,
@@ -73,3 +74,9 @@ def test_nan_never_ranks_first_and_scales_rank_separately():
     board = build_leaderboard(runs)
     ranks = dict(zip(board["method"], board["rank"], strict=True))
     assert ranks["b"] == 1 and ranks["c"] == 1 and ranks["a"] is None
+
+
+def test_another_model_recipe_or_task_setting_is_another_row():
+    runs = pl.DataFrame([_run("bm25", 0, 0.2, setup="s1"), _run("bm25", 1, 0.4, setup="s2")])
+    board = build_leaderboard(runs)
+    assert board.height == 2 and board["n_runs"].to_list() == [1, 1]
