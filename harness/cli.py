@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,10 @@ def _configure_logging(verbose: bool) -> None:
     root.setLevel(handler.level)
     for noisy in ("alembic", "mlflow", "urllib3", "git", "bm25s", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _store_options(command: Callable) -> Callable:
@@ -92,6 +97,8 @@ def _store_options(command: Callable) -> Callable:
 def main(ctx: click.Context, results_dir: Path, tracking_uri: str | None, verbose: bool) -> None:
     """Score training-data attribution methods against planted ground truth."""
     _configure_logging(verbose)
+    # SIGTERM unwinds like Ctrl-C, so the run in progress is marked FAILED, not left RUNNING
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     for name, value in _MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     ctx.obj = {"results_dir": results_dir, "tracking_uri": tracking_uri}

@@ -31,9 +31,27 @@ from harness.data import Query
 from harness.params import Params
 from harness.registry import Registry
 
-METHODS: Registry[Method] = Registry("method", group="harness.methods", builtin_package="methods")
-
 FAMILIES = ("baseline", "gradient", "datamodel", "retrieval", "experts")
+
+
+def _check_method_class(name: str, cls: type) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"a method must subclass harness.method.Method, but got {cls!r}")
+    if getattr(cls, "name", None) != name:
+        raise TypeError(
+            f"{cls.__qualname__}.name must equal its registered name {name!r}, "
+            f"but is {getattr(cls, 'name', None)!r}"
+        )
+    if getattr(cls, "family", None) not in FAMILIES:
+        raise TypeError(
+            f"{cls.__qualname__}.family must be one of {FAMILIES}, "
+            f"but is {getattr(cls, 'family', None)!r}"
+        )
+
+
+METHODS: Registry[Method] = Registry(
+    "method", group="harness.methods", builtin_package="methods", check=_check_method_class
+)
 
 
 @dataclasses.dataclass(frozen=True)

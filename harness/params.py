@@ -9,6 +9,7 @@ built, so an impossible setting fails before any expensive work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, get_type_hints
 
@@ -25,7 +26,12 @@ def param(
     log: bool = False,
     tune: bool = True,
 ) -> Any:
-    """Declare one parameter; ``low``/``high`` are inclusive bounds."""
+    """Declare one parameter; ``low``/``high`` are inclusive bounds.
+
+    ``log`` asks for a log-uniform search space, which needs ``low > 0``.
+    """
+    if log and (low is None or low <= 0):
+        raise ValueError(f"a log-scale parameter needs low > 0, but got low={low!r}")
     metadata = {
         "help": help,
         "low": low,
@@ -46,7 +52,8 @@ class Params:
     def __post_init__(self) -> None:
         hints = get_type_hints(type(self))
         for field in dataclasses.fields(self):
-            _check_value(field, hints[field.name], getattr(self, field.name))
+            value = _checked_value(field, hints[field.name], getattr(self, field.name))
+            object.__setattr__(self, field.name, value)  # an int given for a float becomes one
 
     @classmethod
     def from_strings(cls, overrides: Mapping[str, str]) -> Params:
@@ -57,6 +64,9 @@ class Params:
         for key, text in overrides.items():
             if key not in fields:
                 raise UnknownNameError(cls.kind, key, fields)
+            if not isinstance(text, str):
+                raise TypeError(f"from_strings takes strings, but {key!r} is {text!r}; "
+                                f"pass typed values to {cls.__name__}(...) instead")  # fmt: skip
             values[key] = _parse(key, text, hints[key], fields[key].metadata)
         return cls(**values)
 
@@ -108,11 +118,13 @@ def _describe_valid(annotation: Any, meta: Mapping[str, Any]) -> str:
     return text
 
 
-def _check_value(field: dataclasses.Field, annotation: Any, value: Any) -> None:
+def _checked_value(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
     name, meta = field.name, field.metadata
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if annotation is float and is_number:
         value = float(value)
+        if not math.isfinite(value):
+            raise ParameterError(f"parameter {name!r} must be a finite number, but got {value!r}")
     elif not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ParameterError(
             f"parameter {name!r} must be of type {_type_name(annotation)}, "
@@ -127,3 +139,4 @@ def _check_value(field: dataclasses.Field, annotation: Any, value: Any) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ParameterError(f"parameter {name!r} must lie in {bounds}, but got {value!r}")
+    return value

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
@@ -24,14 +24,24 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A registry of classes of one kind, filled by definition and by entry points."""
 
-    def __init__(self, kind: str, *, group: str, builtin_package: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        group: str,
+        builtin_package: str,
+        check: Callable[[str, type], None] | None = None,
+    ) -> None:
         self.kind = kind
         self.group = group
         self.builtin_package = builtin_package
+        self._check = check  # raises TypeError for a class that breaks the plugin contract
         self._classes: dict[str, type[T]] = {}
         self._discovered = False
 
     def add(self, name: str, cls: type[T]) -> None:
+        if self._check is not None:
+            self._check(name, cls)
         existing = self._classes.get(name)
         if existing is not None and existing is not cls:
             raise ValueError(
@@ -68,6 +78,9 @@ class Registry(Generic[T]):
                     "could not load %s plugin %r: %s", self.kind, entry_point.name, error
                 )
                 continue
-            if isinstance(loaded, type) and loaded not in self._classes.values():
-                # a class that does not register itself is known by its entry-point name
+            if loaded in self._classes.values():
+                continue
+            try:  # a class that does not register itself is known by its entry-point name
                 self.add(entry_point.name, loaded)
+            except (TypeError, ValueError) as error:
+                _logger.warning("skipping %s plugin %r: %s", self.kind, entry_point.name, error)

@@ -69,6 +69,12 @@ def plan_runs(
     overrides: Mapping[str, str],
 ) -> RunPlan:
     """Check every name and parameter; raise before any expensive work."""
+    if isinstance(method_names, str):
+        raise TypeError("method_names must be a sequence of names; use parse_method_names(text)")
+    if not method_names:
+        raise ValueError("select at least one method")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParameterError(f"seed must be a non-negative integer, but got {seed!r}")
     task_class = TASKS.get(task_name)
     scale = scale or task_class.default_scale
     task_class.scale(scale)

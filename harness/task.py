@@ -21,7 +21,17 @@ from harness.params import Params
 from harness.registry import Registry
 from harness.training import TrainRecipe
 
-TASKS: Registry[Task] = Registry("task", group="harness.tasks", builtin_package="tasks")
+
+def _check_task_class(name: str, cls: type) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"a task must subclass harness.task.Task, but got {cls!r}")
+    if getattr(cls, "name", None) != name:
+        raise TypeError(f"{cls.__qualname__}.name must equal its registered name {name!r}")
+
+
+TASKS: Registry[Task] = Registry(
+    "task", group="harness.tasks", builtin_package="tasks", check=_check_task_class
+)
 
 
 @dataclasses.dataclass(frozen=True)

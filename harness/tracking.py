@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,18 +94,31 @@ class Tracker:
 
     @contextlib.contextmanager
     def run(self, *, task: str, name: str, tags: dict[str, str]) -> Iterator[ActiveRun]:
-        """A run that ends FINISHED, or FAILED with the error recorded if the body raises."""
+        """A run that ends FINISHED, or FAILED with the error recorded if the body raises.
+
+        The run is terminated whatever happens, interrupts included, so none is
+        left RUNNING; the error message becomes the tag ``error`` and the
+        traceback the artifact ``error.txt``.
+        """
         run = self.client.create_run(self.experiment_id(task), run_name=name, tags=tags)
-        active = ActiveRun(self.client, run.info.run_id)
+        run_id, status = run.info.run_id, "FAILED"
         try:
-            yield active
+            yield ActiveRun(self.client, run_id)
+            status = "FINISHED"
         except BaseException as error:
-            message = f"{type(error).__name__}: {error}"
-            self.client.set_tag(run.info.run_id, "error", message[:5000])
-            self.client.set_terminated(run.info.run_id, status="FAILED")
-            _logger.error("run %s failed: %s", run.info.run_id, message)
+            self._record_error(run_id, error)
             raise
-        self.client.set_terminated(run.info.run_id, status="FINISHED")
+        finally:
+            self.client.set_terminated(run_id, status=status)
+
+    def _record_error(self, run_id: str, error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}"
+        _logger.error("run %s failed: %s", run_id, message)
+        try:
+            self.client.set_tag(run_id, "error", message[:5000])
+            self.client.log_text(run_id, traceback.format_exc(), "error.txt")
+        except Exception as logging_error:  # the run is still marked FAILED
+            _logger.warning("could not record the error of run %s: %s", run_id, logging_error)
 
 
 class ActiveRun:

@@ -30,13 +30,19 @@ class BM25(Method, name="bm25", family="retrieval"):
     description = "BM25 over the prompt and target words (model-free)"
     Params = BM25Params
 
+    _index: bm25s.BM25 | None = None
+    _indexed: tuple[str, ...] = ()  # ids of the indexed documents, in column order
+
     def fit(self, bundle: Bundle) -> None:
         self._index = bm25s.BM25(k1=self.params.k1, b=self.params.b, method="lucene")
         corpus = [split_words(document.text) for document in bundle.data.documents]
         self._index.index(corpus, show_progress=False)
+        self._indexed = tuple(bundle.data.document_ids)
 
     def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:
-        if not hasattr(self, "_index"):
+        if self._index is None:
             raise RuntimeError("BM25.score was called before fit")
+        if tuple(bundle.data.document_ids) != self._indexed:
+            raise ValueError("BM25.score got another bundle's documents than fit indexed")
         rows = [self._index.get_scores(split_words(f"{q.prompt} {q.target}")) for q in queries]
         return np.asarray(rows, dtype=np.float64).reshape(len(queries), -1)

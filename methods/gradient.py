@@ -72,8 +72,13 @@ class TracIn(Method, name="tracin", family="gradient"):
     Params = TracInParams
 
     def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:
+        available, last = len(bundle.checkpoints), self.params.last_checkpoints
+        if last > available:
+            raise ValueError(
+                f"last_checkpoints={last}, but the model kept only {available} checkpoints"
+            )
         query_sequences = bundle.encode_queries(queries)
-        first = -self.params.last_checkpoints if self.params.last_checkpoints else 0
+        first = -last if last else 0
         total = np.zeros((len(queries), len(bundle.data.documents)))
         for index in range(len(bundle.checkpoints))[first:]:
             products = gradient_products(

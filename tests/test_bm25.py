@@ -17,7 +17,9 @@ CORPUS = ["Cat sat mat.", "Dog sat", "cat cat dog runs"]
 
 def _bundle():
     documents = [Document(f"d{i}", text, "test") for i, text in enumerate(CORPUS)]
-    return SimpleNamespace(data=SimpleNamespace(documents=documents))
+    return SimpleNamespace(
+        data=SimpleNamespace(documents=documents, document_ids=[d.id for d in documents])
+    )
 
 
 def _score(prompt: str, target: str) -> np.ndarray:

@@ -74,3 +74,20 @@ def test_builtins_are_registered():
     assert {"random", "bm25", "grad_dot", "grad_cos", "tracin"} <= set(METHODS.names())
     assert METHODS.get("tracin").family == "gradient"
     assert "facts" in TASKS.names()
+
+
+def test_non_finite_numbers_and_non_string_overrides_are_refused():
+    with pytest.raises(ParameterError, match="'k1' must be a finite number, but got nan"):
+        BM25Params.from_strings({"k1": "nan"})
+    with pytest.raises(TypeError, match="from_strings takes strings"):
+        TracInParams.from_strings({"last_checkpoints": 3.7})
+    with pytest.raises(ParameterError, match="must be of type int"):
+        TracInParams(last_checkpoints=3.7)
+    assert isinstance(BM25Params(k1=2).k1, float)  # an int for a float field is converted
+
+
+def test_a_log_scale_parameter_needs_a_positive_lower_bound():
+    from harness.params import param
+
+    with pytest.raises(ValueError, match="needs low > 0"):
+        param(1e-3, help="damping", low=0.0, high=1.0, log=True)

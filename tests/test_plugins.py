@@ -9,13 +9,15 @@ import pytest
 
 from harness import registry
 from harness.errors import UnknownNameError
-from harness.method import Method
+from harness.method import Method, _check_method_class
 from harness.registry import Registry
 
 
 def _registry_with(monkeypatch, *points: EntryPoint) -> Registry:
     monkeypatch.setattr(registry, "entry_points", lambda group: list(points))
-    return Registry("method", group="harness.methods", builtin_package="methods")
+    return Registry(
+        "method", group="harness.methods", builtin_package="methods", check=_check_method_class
+    )
 
 
 def test_a_method_declared_by_entry_point_is_found(monkeypatch):
@@ -44,3 +46,14 @@ def test_the_installed_distribution_declares_the_builtins():
     declared = {point.name for point in entry_points(group="harness.methods")}
     assert {"random", "bm25", "grad_dot", "grad_cos", "tracin"} <= declared
     assert "facts" in {point.name for point in entry_points(group="harness.tasks")}
+
+
+def test_a_plugin_that_breaks_the_contract_is_skipped_with_the_reason(monkeypatch, caplog):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    misnamed = EntryPoint("doclen", "plugin_example:DocumentLength", "harness.methods")
+    not_a_method = EntryPoint("path", "pathlib:Path", "harness.methods")
+    methods = _registry_with(monkeypatch, misnamed, not_a_method)
+    with caplog.at_level("WARNING"):
+        assert methods.names() == []
+    assert "DocumentLength.name must equal its registered name 'doclen'" in caplog.text
+    assert "a method must subclass harness.method.Method" in caplog.text

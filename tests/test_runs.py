@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.leaderboard import build_leaderboard, collect_runs
@@ -62,6 +65,28 @@ def test_failed_runs_are_marked_and_never_ranked(results_dir):
         status["nan_scores"][0] == "FAILED" and "ScoresNotFiniteError" in status["nan_scores"][1]
     )
     assert status["exploding"] == ("FAILED", "RuntimeError: out of cheese")
+    exploding = next(r for r in runs if r.data.tags["method"] == "exploding")
+    traceback_text = client.download_artifacts(exploding.info.run_id, "error.txt")
+    assert "in fit" in Path(traceback_text).read_text()  # the traceback, not just the message
 
     board = build_leaderboard(collect_runs(runner.tracker.uri))
     assert board["method"].to_list() == ["random"]
+
+
+class Interrupted(Method):
+    name, family = "interrupted", "baseline"
+
+    def score(self, bundle, queries):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_stops_the_run_marks_it_failed_and_keeps_earlier_runs(results_dir):
+    runner = Runner(results_dir)
+    plan = RunPlan(task=FactsTask(), scale="tiny", seed=0, methods=(RandomScores(), Interrupted()))
+    with pytest.raises(KeyboardInterrupt):
+        runner.execute(plan)
+    client = MlflowClient(tracking_uri=runner.tracker.uri)
+    runs = client.search_runs([client.get_experiment_by_name("facts").experiment_id])
+    status = {r.data.tags["method"]: r.info.status for r in runs}
+    assert status == {"random": "FINISHED", "interrupted": "FAILED"}
+    assert build_leaderboard(collect_runs(runner.tracker.uri))["method"].to_list() == ["random"]
