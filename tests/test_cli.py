@@ -122,6 +122,10 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
     assert again.exit_code == 0
     assert "found existing model" in caplog.text and "training a" not in caplog.text
     assert len(client.search_runs([experiment.experiment_id])) == 6
+    # a memory-only parameter makes another run of the same configuration, not a new row
+    chunked = _invoke(results_dir, "run", "--method", "grad_dot", "--task", "facts",
+                      "--scale", "tiny", "--param", "chunk_size=4")  # fmt: skip
+    assert chunked.exit_code == 0, chunked.output
 
     out = results_dir / "board.csv"
     board = _invoke(results_dir, "leaderboard", "--out", str(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.data import encode_completions, encode_documents
+from harness.data import Sequences, encode_completions, encode_documents
 from harness.gradients import gradient_matrix, gradient_products, per_example_gradients
 from harness.model import GPT, GPTConfig, sequence_losses
 from harness.tokenizer import WordTokenizer
@@ -59,8 +59,11 @@ def test_padding_never_enters_a_loss():
     sequences = encode_documents(TEXTS, tokenizer, context=32)
     assert sequences.loss_mask[1, int(sequences.loss_mask[1].sum()) :].sum() == 0
     # changing what sits in the padded positions changes nothing
-    corrupted = sequences[0:4]
-    corrupted.inputs[corrupted.loss_mask == 0] = 5
+    clean = sequences[0:4]
+    corrupted = Sequences(clean.inputs.clone(), clean.targets.clone(), clean.loss_mask.clone())
+    padding = corrupted.loss_mask == 0
+    corrupted.inputs[padding], corrupted.targets[padding] = 5, 7
+    assert not torch.equal(corrupted.inputs, sequences.inputs[0:4, : clean.inputs.shape[1]])
     torch.testing.assert_close(
         gradient_matrix(model, corrupted),
         gradient_matrix(model, sequences[0:4]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from harness.gradients import gradient_products
 from harness.model import sequence_losses
 from methods.gradient import GradCos, GradDot, GradientParams, TracIn, TracInParams
 
@@ -48,6 +49,14 @@ def test_tracin_sums_learning_rate_weighted_products_over_checkpoints(tiny_bundl
     np.testing.assert_allclose(
         last, final_rate * GradDot(GradientParams()).score(tiny_bundle, queries), rtol=1e-6
     )
-    everything = TracIn().score(tiny_bundle, queries)
+    # all checkpoints: Σ_c η_c ∇ℓ_c(q)ᵀ∇ℓ_c(d), each product computed on its own
+    query_sequences = tiny_bundle.encode_queries(queries)
+    expected = sum(
+        checkpoint.learning_rate
+        * gradient_products(tiny_bundle.model(c), query_sequences, tiny_bundle.documents).double()
+        for c, checkpoint in enumerate(tiny_bundle.checkpoints)
+    )
     assert len(tiny_bundle.checkpoints) == 3
-    assert not np.allclose(everything, last)  # the earlier checkpoints contribute
+    rates = [c.learning_rate for c in tiny_bundle.checkpoints]
+    assert len(set(rates)) == 3  # distinct weights, so a wrong weighting would show
+    np.testing.assert_allclose(TracIn().score(tiny_bundle, queries), expected.numpy(), rtol=1e-5)
