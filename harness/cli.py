@@ -178,7 +178,8 @@ def run(
     outcomes = runner.execute(plan)
     _print_summary(outcomes, plan.task.name, plan.scale)
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
-    click.echo(f"Browse:  mlflow ui --backend-store-uri {runner.tracker.uri}")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    click.echo(f"Browse:  {mlflow} ui --backend-store-uri {runner.tracker.uri}")
     click.echo("Export:  harness leaderboard")
     if any(o.status != "FINISHED" for o in outcomes):
         sys.exit(1)

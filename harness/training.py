@@ -41,7 +41,7 @@ class TrainRecipe(Params):
         low=0.0,
         high=1.0,
     )
-    weight_decay: float = param(0.01, help="AdamW weight decay", low=0.0, high=1.0)
+    weight_decay: float = param(0.01, help="AdamW weight decay", low=0.0, high=10.0)
     checkpoints: int = param(
         4, help="checkpoints kept, evenly spaced, the last at the end", low=1, high=100
     )

