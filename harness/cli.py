@@ -47,8 +47,19 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class TerminatedBySignal(SystemExit):
+    """SystemExit with the shell's exit status for a signal, named in its message."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+    def __str__(self) -> str:
+        return f"terminated by {self.signal_name}"
+
+
 def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise TerminatedBySignal(signum)
 
 
 def _store_options(command: Callable) -> Callable:
@@ -97,8 +108,6 @@ def _store_options(command: Callable) -> Callable:
 def main(ctx: click.Context, results_dir: Path, tracking_uri: str | None, verbose: bool) -> None:
     """Score training-data attribution methods against planted ground truth."""
     _configure_logging(verbose)
-    # SIGTERM unwinds like Ctrl-C, so the run in progress is marked FAILED, not left RUNNING
-    signal.signal(signal.SIGTERM, _exit_on_signal)
     for name, value in _MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
     ctx.obj = {"results_dir": results_dir, "tracking_uri": tracking_uri}
@@ -180,7 +189,10 @@ def run(
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
     mlflow = Path(sys.executable).with_name("mlflow")
     click.echo(f"Browse:  {mlflow} ui --backend-store-uri {runner.tracker.uri}")
-    click.echo("Export:  harness leaderboard")
+    custom = obj["results_dir"] != DEFAULT_RESULTS
+    click.echo(
+        "Export:  harness leaderboard" + (f" --results-dir {obj['results_dir']}" if custom else "")
+    )
     if any(o.status != "FINISHED" for o in outcomes):
         sys.exit(1)
 
@@ -214,7 +226,7 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
         )
 
 
-LEADERBOARD_SHOWN = ["task", "scale", "rank", "method", "params", "n_runs", "mrr", "mrr_ci_low",
+LEADERBOARD_SHOWN = ["task", "scale", "rank", "method", "params", "seeds", "mrr", "mrr_ci_low",
                      "mrr_ci_high", "recall_at_10", "auprc", "score_seconds"]  # fmt: skip
 
 
@@ -246,7 +258,7 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
         click.echo("No finished runs yet: start one with `harness run --method all --task facts`.")
     else:
         with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=200, float_precision=3,
-                       tbl_hide_dataframe_shape=True, fmt_str_lengths=40):  # fmt: skip
+                       tbl_hide_dataframe_shape=True, fmt_str_lengths=120):  # fmt: skip
             click.echo(table.select(LEADERBOARD_SHOWN))
     click.echo(f"Wrote {out}")
 
@@ -258,3 +270,14 @@ def _check_writable(out: Path) -> None:
         raise click.BadParameter(
             f"cannot write {out}: {existing} is not a writable folder", param_hint="--out"
         )
+
+
+def entry_point() -> None:
+    """The ``harness`` console script: the CLI, with SIGTERM unwinding like Ctrl-C.
+
+    Unwinding lets the run in progress be marked FAILED instead of left RUNNING.
+    The handler is installed here, not in :func:`main`, so that calling the CLI
+    in-process (tests, notebooks) leaves the caller's signal handling alone.
+    """
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    main()

@@ -12,7 +12,17 @@ and two steps, called in this order by the runner:
    ``bundle.data.documents``; a method whose natural sign is the opposite flips
    it itself. Scores must be finite; the runner fails a run that is not.
 
-Subclasses register by keyword::
+What a method reads (see :class:`harness.bundle.Bundle`): ``bundle.data.documents``
+(each with ``id``, ``text``, ``source``) and ``bundle.documents``, the same
+documents encoded as the model trained on them; ``bundle.model(i)``, a fresh copy
+of checkpoint ``i`` (``-1`` the final model) and ``bundle.checkpoints[i]``'s
+``step`` and ``learning_rate``; ``bundle.encode_queries(queries)``; and
+``bundle.tokenizer``. ``queries`` are :class:`harness.data.Query` objects
+(``prompt``, ``target``, ``relevant``): the runner passes only those whose target
+the model learned. ``self.params`` holds the validated parameters and
+``self.seed`` the run's seed, for any randomness.
+
+Subclasses register by keyword when their module is imported::
 
     class BM25(Method, name="bm25", family="retrieval"):
         Params = BM25Params

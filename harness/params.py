@@ -106,16 +106,20 @@ def _parse(key: str, text: str, annotation: Any, meta: Mapping[str, Any]) -> Any
         ) from None
 
 
+def _range_text(meta: Mapping[str, Any]) -> str:
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return ""
+    return f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+
+
 def _describe_valid(annotation: Any, meta: Mapping[str, Any]) -> str:
     if annotation is bool:
         return "a bool (true or false)"
     text = f"of type {_type_name(annotation)}"
     if meta.get("choices") is not None:
         return f"{text}, one of {list(meta['choices'])}"
-    low, high = meta.get("low"), meta.get("high")
-    if low is not None or high is not None:
-        text += f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-    return text
+    return text + _range_text(meta)
 
 
 def _checked_value(field: dataclasses.Field, annotation: Any, value: Any) -> Any:
@@ -124,7 +128,9 @@ def _checked_value(field: dataclasses.Field, annotation: Any, value: Any) -> Any
     if annotation is float and is_number:
         value = float(value)
         if not math.isfinite(value):
-            raise ParameterError(f"parameter {name!r} must be a finite number, but got {value!r}")
+            raise ParameterError(
+                f"parameter {name!r} must be a finite number{_range_text(meta)}, but got {value!r}"
+            )
     elif not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ParameterError(
             f"parameter {name!r} must be of type {_type_name(annotation)}, "

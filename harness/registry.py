@@ -43,6 +43,8 @@ class Registry(Generic[T]):
         if self._check is not None:
             self._check(name, cls)
         existing = self._classes.get(name)
+        if existing is not None and _same_definition(existing, cls):
+            existing = None  # the same class defined again (a re-run notebook cell): replace it
         if existing is not None and existing is not cls:
             raise ValueError(
                 f"{self.kind} name {name!r} is already registered by "
@@ -84,3 +86,7 @@ class Registry(Generic[T]):
                 self.add(entry_point.name, loaded)
             except (TypeError, ValueError) as error:
                 _logger.warning("skipping %s plugin %r: %s", self.kind, entry_point.name, error)
+
+
+def _same_definition(first: type, second: type) -> bool:
+    return (first.__module__, first.__qualname__) == (second.__module__, second.__qualname__)

@@ -111,6 +111,9 @@ def _split_overrides(
                     f"parameter {key!r} was given, but {', '.join(names)} "
                     f"{'takes' if len(names) == 1 else 'take'} no parameters"
                 )
+            if method:  # suggest among that method's own parameter names
+                own = [v.removeprefix(f"{method}.") for v in valid]
+                raise UnknownNameError("parameter", name, own, where=f"of method {method!r}")
             raise UnknownNameError("parameter", key, valid)
         for cls in takers:
             per_method[cls.name][name] = value
@@ -208,7 +211,7 @@ def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
         "peak_memory_mb": max(fit_cost.peak_memory_mb, score_cost.peak_memory_mb),
     }
     run.log_metrics(metrics)
-    _log_artifacts(run, scores, queries, per_query, method)
+    _log_artifacts(run, scores, queries, per_query, method, bundle.data.document_ids)
     return {**task_metrics, **metrics}
 
 
@@ -226,7 +229,12 @@ def _check_scores(method: Method, scores: np.ndarray, shape: tuple[int, int]) ->
 
 
 def _log_artifacts(
-    run, scores: np.ndarray, queries: list[Query], per_query: dict[str, np.ndarray], method: Method
+    run,
+    scores: np.ndarray,
+    queries: list[Query],
+    per_query: dict[str, np.ndarray],
+    method: Method,
+    document_ids: list[str],
 ) -> None:
     table = pl.DataFrame(
         {
@@ -248,6 +256,7 @@ def _log_artifacts(
                     "family": method.family,
                     "params": method.params.to_dict(),
                     "rows": [q.id for q in queries],
+                    "columns": document_ids,
                 },
                 indent=2,
             )

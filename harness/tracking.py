@@ -59,18 +59,42 @@ class TrackingStoreError(HarnessError, ConnectionError):
 
 
 def open_client(uri: str) -> MlflowClient:
-    """An MLflow client on ``uri``; a local SQLite store's folder is created if missing."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    """An MLflow client on ``uri``, checked by a first query.
+
+    A new local SQLite store is created in a temporary file and renamed into
+    place once MLflow has built its tables, so an interrupt during that first
+    set-up cannot leave a half-built store behind.
+    """
+    database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     try:
+        if database is not None and not database.exists():
+            _create_sqlite_store(database)
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # touch the store: fail here, not later
     except Exception as error:
+        advice = (
+            f"if {database} is a store left half-built by an interrupted run, delete it"
+            if database is not None
+            else "pass --tracking-uri (or set MLFLOW_TRACKING_URI) to a reachable store"
+        )
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TrackingStoreError(
-            f"cannot use the MLflow tracking store {uri!r}: {error}. Pass --tracking-uri "
-            "(or MLFLOW_TRACKING_URI) with a reachable store, e.g. sqlite:///results/mlflow.db"
+            f"cannot use the MLflow tracking store {uri!r} ({type(error).__name__}: "
+            f"{first_line}); {advice}"
         ) from error
     return client
+
+
+def _create_sqlite_store(database: Path) -> None:
+    database.parent.mkdir(parents=True, exist_ok=True)
+    staging = database.with_name(f".{database.name}.{os.getpid()}.building")
+    staging.unlink(missing_ok=True)
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{staging}").search_experiments(max_results=1)
+        if not database.exists():  # another process may have finished first
+            os.replace(staging, database)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 class Tracker:

@@ -108,8 +108,10 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
         assert artifacts == {"scores.npy", "per_query.csv", "method.json"}
         folder = client.download_artifacts(run.info.run_id, "")
         scores = np.load(f"{folder}/scores.npy", allow_pickle=False)
-        rows = json.loads(Path(folder, "method.json").read_text())["rows"]
-        assert scores.shape == (metrics["queries_scored"], 60) == (len(rows), 60)
+        described = json.loads(Path(folder, "method.json").read_text())
+        rows, columns = described["rows"], described["columns"]
+        assert scores.shape == (metrics["queries_scored"], 60) == (len(rows), len(columns))
+        assert columns[0] == "doc-00000" and len(set(columns)) == 60
         per_query = pl.read_csv(f"{folder}/per_query.csv")
         assert per_query["reciprocal_rank"].mean() == pytest.approx(metrics["mrr"])
 
@@ -214,3 +216,23 @@ def test_an_unwritable_leaderboard_path_is_a_usage_error(results_dir, tmp_path):
     )
     assert result.exit_code == 2
     assert "is not a writable folder" in result.output
+
+
+def test_the_console_script_turns_sigterm_into_an_unwinding_exit(monkeypatch):
+    import os
+    import signal
+
+    import harness.cli
+
+    def terminated_main():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(harness.cli, "main", terminated_main)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            harness.cli.entry_point()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert str(exit_info.value) == "terminated by SIGTERM"  # what a failed run's tag says

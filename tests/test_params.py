@@ -77,7 +77,9 @@ def test_builtins_are_registered():
 
 
 def test_non_finite_numbers_and_non_string_overrides_are_refused():
-    with pytest.raises(ParameterError, match="'k1' must be a finite number, but got nan"):
+    with pytest.raises(
+        ParameterError, match=r"'k1' must be a finite number in \[0.0, 5.0\], but got nan"
+    ):
         BM25Params.from_strings({"k1": "nan"})
     with pytest.raises(TypeError, match="from_strings takes strings"):
         TracInParams.from_strings({"last_checkpoints": 3.7})

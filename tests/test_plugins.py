@@ -57,3 +57,17 @@ def test_a_plugin_that_breaks_the_contract_is_skipped_with_the_reason(monkeypatc
         assert methods.names() == []
     assert "DocumentLength.name must equal its registered name 'doclen'" in caplog.text
     assert "a method must subclass harness.method.Method" in caplog.text
+
+
+def test_redefining_the_same_class_replaces_it_and_another_class_is_refused():
+    methods = Registry("method", group="harness.methods", builtin_package="methods")
+
+    def define(qualname: str) -> type:
+        return type("Overlap", (), {"__module__": "notebook", "__qualname__": qualname})
+
+    first, rerun = define("Overlap"), define("Overlap")  # the same cell run twice
+    methods.add("overlap", first)
+    methods.add("overlap", rerun)
+    assert methods._classes["overlap"] is rerun
+    with pytest.raises(ValueError, match=r"already registered by notebook\.Overlap"):
+        methods.add("overlap", define("OtherOverlap"))
