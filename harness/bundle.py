@@ -20,6 +20,7 @@ import harness
 from harness.cache import Cache, code_fingerprint, content_key
 from harness.data import Query, Sequences, TaskData, encode_completions, encode_documents
 from harness.model import GPT, GPTConfig, sequence_losses
+from harness.params import Params
 from harness.task import Task
 from harness.tokenizer import WordTokenizer
 from harness.training import Checkpoint, TrainRecipe, train
@@ -89,7 +90,9 @@ def prepare_bundle(task: Task, scale: str, *, seed: int, cache: Cache) -> Bundle
     return _load_bundle(task.name, scale, seed, data, preset.recipe, cache, model_key)
 
 
-def _task_data(task: Task, scale: str, config, *, seed: int, cache: Cache) -> tuple[TaskData, str]:
+def _task_data(
+    task: Task, scale: str, config: Params, *, seed: int, cache: Cache
+) -> tuple[TaskData, str]:
     key = content_key(
         {
             "task": task.name,
