@@ -76,28 +76,46 @@ class GPT(nn.Module):
         self.position_embedding = nn.Embedding(config.context, config.width)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm_final = nn.LayerNorm(config.width)
+        # the output head shares the token embedding (weight tying); as a module of its
+        # own, hooks see its inputs and output gradients like any other linear layer
+        self.head = nn.Linear(config.width, config.vocab_size, bias=False)
         self.apply(_init_weights)
+        self.head.weight = self.token_embedding.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits, shape (batch, length, vocab), for ids of shape (batch, length)."""
         length = ids.shape[-1]
         if length > self.config.context:
             raise ValueError(f"sequence length {length} exceeds the context {self.config.context}")
-        positions = torch.arange(length, device=ids.device)
+        # positions per row, so every embedding output has a batch dimension (per-example
+        # gradients are read from output gradients; a shared (length, width) one would
+        # sum the batch)
+        positions = torch.arange(length, device=ids.device).expand(ids.shape)
         x = self.token_embedding(ids) + self.position_embedding(positions)
         for block in self.blocks:
             x = block(x)
-        # the output head shares the token embedding (weight tying)
-        return self.norm_final(x) @ self.token_embedding.weight.T
+        return self.head(self.norm_final(x))
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(p.numel() for p in self.parameters())  # a tied weight counts once
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the state without the head's alias of the token embedding."""
+        return {
+            name: tensor.detach().clone()
+            for name, tensor in self.state_dict().items()
+            if name != "head.weight"
+        }
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict({**weights, "head.weight": weights["token_embedding.weight"]})
 
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=0.02)
-        nn.init.zeros_(module.bias)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
 

@@ -130,7 +130,7 @@ def train(
         if step % 20 == 0:
             progress.set_postfix(loss=f"{running_loss:.3f}")
         if step + 1 in keep:
-            state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            state = model.weights()
             checkpoints.append(Checkpoint(step + 1, learning_rate, state))
             _logger.info(
                 "checkpoint at step %d/%d: train loss %.3f, learning rate %.2e",
