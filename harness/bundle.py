@@ -23,7 +23,7 @@ from harness.model import GPT, GPTConfig, sequence_losses
 from harness.params import Params
 from harness.task import Task
 from harness.tokenizer import WordTokenizer
-from harness.training import Checkpoint, TrainRecipe, train
+from harness.training import Checkpoint, TrainingResult, TrainRecipe, train
 
 _logger = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ class Bundle:
     learned_fraction_untrained: float  # the same check on the initial weights: chance level
     documents: Sequences  # the training documents, encoded as trained on
     model_key: str
+    cache: Cache | None = None  # where derived artifacts (train features, replicas) go
+    replica_index: int = 0  # 0: the reference model; k: the k-th independent retrain
 
     def model(self, checkpoint: int = -1) -> GPT:
         """A fresh model in eval mode holding the weights of one checkpoint."""
         model = GPT(self.model_config)
-        model.load_state_dict(self.checkpoints[checkpoint].state)
+        model.load_weights(self.checkpoints[checkpoint].state)
         return model.eval()
 
     def encode_queries(self, queries: list[Query]) -> Sequences:
@@ -63,6 +65,42 @@ class Bundle:
             [q.target for q in queries],
             self.tokenizer,
             context=self.recipe.context,
+        )
+
+    def replica(self, index: int) -> Bundle:
+        """The same task with a model trained independently (another seed); 0 is this one.
+
+        Replicas use the same data, tokenizer and recipe, are trained on first use
+        and cached like the reference model. Ensembles over models (TRAK) use them.
+        """
+        if index == 0:
+            return self
+        if index < 0:
+            raise ValueError(f"replica index must be non-negative, but got {index}")
+        if self.cache is None:
+            raise ValueError("this bundle has no cache to train replicas into")
+        key = content_key({"reference": self.model_key, "replica": index})
+        if self.cache.has("models", key):
+            _logger.info("found existing replica %d (%s) of model %s", index, key, self.model_key)
+        else:
+            _logger.info("training replica %d of model %s", index, self.model_key)
+            result = train(
+                self.model_config,
+                self.documents,
+                encode_documents(
+                    list(self.data.heldout_texts), self.tokenizer, context=self.recipe.context
+                ),
+                self.recipe,
+                seed=_replica_seed(self.seed, index),
+            )
+            _store_model(self.cache, key, result, {"replica_of": self.model_key, "replica": index})
+        manifest = self.cache.manifest("models", key)
+        return dataclasses.replace(
+            self,
+            checkpoints=_load_checkpoints(self.cache.path("models", key), manifest),
+            heldout_loss=manifest["heldout_loss"],
+            model_key=key,
+            replica_index=index,
         )
 
     @property
@@ -142,9 +180,26 @@ def _train_and_store(
     untrained = _learned(GPT(config).eval(), data.queries, tokenizer, context=recipe.context)
     result = train(config, documents, heldout, recipe, seed=seed)
     model = GPT(config)
-    model.load_state_dict(result.checkpoints[-1].state)
+    model.load_weights(result.checkpoints[-1].state)
     learned = _learned(model.eval(), data.queries, tokenizer, context=recipe.context)
 
+    details = {
+        "learned": learned,
+        "learned_fraction_untrained": sum(untrained.values()) / len(untrained),
+        "vocab_size": len(tokenizer),
+    }
+    _store_model(cache, key, result, details, tokenizer=tokenizer)
+
+
+def _store_model(
+    cache: Cache,
+    key: str,
+    result: TrainingResult,
+    details: dict,
+    *,
+    tokenizer: WordTokenizer | None = None,
+) -> None:
+    """Write a trained model's checkpoints (and tokenizer) and manifest as one cache entry."""
     manifest = {
         "checkpoints": [
             {"step": c.step, "learning_rate": c.learning_rate} for c in result.checkpoints
@@ -152,14 +207,13 @@ def _train_and_store(
         "heldout_loss": result.heldout_loss,
         "train_loss": result.train_loss,
         "train_seconds": result.seconds,
-        "learned": learned,
-        "learned_fraction_untrained": sum(untrained.values()) / len(untrained),
-        "vocab_size": len(tokenizer),
+        **details,
     }
     with cache.writing("models", key, manifest) as staging:
-        tokenizer.save(staging / "tokenizer.json")
         for checkpoint in result.checkpoints:
             save_file(checkpoint.state, staging / f"checkpoint-{checkpoint.step}.safetensors")
+        if tokenizer is not None:
+            tokenizer.save(staging / "tokenizer.json")
 
 
 def _check_fits_context(data: TaskData, tokenizer: WordTokenizer, *, context: int) -> None:
@@ -181,15 +235,6 @@ def _load_bundle(
 ) -> Bundle:
     folder, manifest = cache.path("models", key), cache.manifest("models", key)
     tokenizer = WordTokenizer.load(folder / "tokenizer.json")
-    checkpoints = [
-        # safetensors holds plain tensors only: loading it runs no code
-        Checkpoint(
-            c["step"],
-            c["learning_rate"],
-            load_file(folder / f"checkpoint-{c['step']}.safetensors"),
-        )
-        for c in manifest["checkpoints"]
-    ]
     return Bundle(
         task=task,
         scale=scale,
@@ -198,7 +243,7 @@ def _load_bundle(
         tokenizer=tokenizer,
         recipe=recipe,
         model_config=recipe.model_config(len(tokenizer)),
-        checkpoints=checkpoints,
+        checkpoints=_load_checkpoints(folder, manifest),
         heldout_loss=manifest["heldout_loss"],
         learned=manifest["learned"],
         learned_fraction_untrained=manifest["learned_fraction_untrained"],
@@ -206,7 +251,25 @@ def _load_bundle(
             [d.text for d in data.documents], tokenizer, context=recipe.context
         ),
         model_key=key,
+        cache=cache,
     )
+
+
+def _load_checkpoints(folder: Path, manifest: dict) -> list[Checkpoint]:
+    return [
+        # safetensors holds plain tensors only: loading it runs no code
+        Checkpoint(
+            c["step"],
+            c["learning_rate"],
+            load_file(folder / f"checkpoint-{c['step']}.safetensors"),
+        )
+        for c in manifest["checkpoints"]
+    ]
+
+
+def _replica_seed(seed: int, index: int) -> int:
+    # far from the small seeds users pick, so a replica never repeats another run's model
+    return 1_000_003 * (index + 1) + seed
 
 
 @torch.no_grad()

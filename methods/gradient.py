@@ -1,8 +1,9 @@
 """Gradient-similarity methods: gradient dot product, gradient cosine and TracIn.
 
-All score ``∇ℓ(query)ᵀ ∇ℓ(document)`` in some form. A positive product means a
-gradient step on the document lowers the query's loss, so larger is already a
-proponent and no sign flip is needed.
+All score ``∇ℓ(query)ᵀ ∇ℓ(document)`` in some form, optionally on randomly
+projected gradients. A positive product means a gradient step on the document
+lowers the query's loss, so larger is already a proponent and no sign flip is
+needed.
 """
 
 from __future__ import annotations
@@ -10,48 +11,80 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
 from harness.bundle import Bundle
 from harness.data import Query
-from harness.gradients import gradient_products
+from harness.features import PROJECTIONS, FeatureSpec, feature_products, train_features
 from harness.method import Method
 from harness.params import Params, param
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientParams(Params):
+class FeatureParams(Params):
+    """Which gradients, compressed how: shared by every method built on gradient features."""
+
+    layers: str = param(
+        "*",
+        help="comma-separated globs over parameter names, e.g. 'blocks.*' ('*' = all)",
+        tune=False,
+    )
+    projection: str = param(
+        "none",
+        help="random projection of gradients: none, dense gaussian or rademacher, or "
+        "LoGra's per-layer kronecker",
+        choices=PROJECTIONS,
+    )
+    projection_dim: int = param(
+        512,
+        help="dimension of a dense projection; rank per side for kronecker",
+        low=1,
+        high=65536,
+        log=True,
+    )
     chunk_size: int = param(
-        32,
+        64,
         help="sequences per vectorised gradient chunk (memory only)",
         low=1,
         high=4096,
         tune=False,
     )
 
+    def spec(self, seed: int) -> FeatureSpec:
+        return FeatureSpec(
+            layers=self.layers, projection=self.projection, dim=self.projection_dim, seed=seed
+        )
+
 
 @dataclasses.dataclass(frozen=True)
-class TracInParams(GradientParams):
+class TracInParams(FeatureParams):
     normalize: bool = param(False, help="use gradient cosines instead of inner products")
     last_checkpoints: int = param(
         0, help="use only the last N checkpoints (0 = all)", low=0, high=100
     )
 
 
+def selected_checkpoints(bundle: Bundle, last: int) -> range:
+    """Indices of the last ``last`` checkpoints (all when 0)."""
+    available = len(bundle.checkpoints)
+    if last > available:
+        raise ValueError(f"asked for the last {last} checkpoints, but the model kept {available}")
+    return range(available)[-last if last else 0 :]
+
+
 class GradDot(Method, name="grad_dot", family="gradient"):
     """Inner product of query and document loss gradients at the final checkpoint."""
 
     description = "gradient inner product, final checkpoint"
-    Params = GradientParams
+    Params = FeatureParams
     normalize = False
 
     def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:
-        products = gradient_products(
-            bundle.model(),
-            bundle.encode_queries(queries),
-            bundle.documents,
-            normalize=self.normalize,
-            chunk_size=self.params.chunk_size,
+        featurizer, features = train_features(
+            bundle, self.params.spec(self.seed), chunk_size=self.params.chunk_size
         )
+        query_blocks = featurizer.matrix(bundle.encode_queries(queries))
+        products = feature_products(query_blocks, features, normalize=self.normalize)
         return products.double().numpy()
 
 
@@ -72,21 +105,17 @@ class TracIn(Method, name="tracin", family="gradient"):
     Params = TracInParams
 
     def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:
-        available, last = len(bundle.checkpoints), self.params.last_checkpoints
-        if last > available:
-            raise ValueError(
-                f"last_checkpoints={last}, but the model kept only {available} checkpoints"
-            )
+        indices = selected_checkpoints(bundle, self.params.last_checkpoints)
         query_sequences = bundle.encode_queries(queries)
-        first = -last if last else 0
-        total = np.zeros((len(queries), len(bundle.data.documents)))
-        for index in range(len(bundle.checkpoints))[first:]:
-            products = gradient_products(
-                bundle.model(index),
-                query_sequences,
-                bundle.documents,
-                normalize=self.params.normalize,
+        total = torch.zeros(len(queries), len(bundle.data.documents), dtype=torch.float64)
+        for index in indices:
+            featurizer, features = train_features(
+                bundle,
+                self.params.spec(self.seed),
+                checkpoint=index,
                 chunk_size=self.params.chunk_size,
             )
-            total += bundle.checkpoints[index].learning_rate * products.double().numpy()
-        return total
+            query_blocks = featurizer.matrix(query_sequences)
+            products = feature_products(query_blocks, features, normalize=self.params.normalize)
+            total += bundle.checkpoints[index].learning_rate * products.double()
+        return total.numpy()

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
+from harness.method import METHODS
 
 
 def _invoke(results_dir, *args):
@@ -41,7 +42,10 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
     ("args", "message"),
     [
         (["--method", "bm52", "--task", "facts"], "unknown method 'bm52'"),
-        (["--method", "bm25,nope", "--task", "facts"], "valid choices: bm25, grad_cos"),
+        (
+            ["--method", "bm25,nope", "--task", "facts"],
+            "valid choices: bm25, datainf, ekfac, grad_cos",
+        ),
         (["--method", "bm25", "--task", "fcts"], "Did you mean 'facts'"),
         (
             ["--method", "bm25", "--task", "facts", "--scale", "huge"],
@@ -88,13 +92,8 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
     client = MlflowClient(tracking_uri=f"sqlite:///{results_dir.resolve()}/mlflow.db")
     experiment = client.get_experiment_by_name("facts")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["method"] for r in runs) == [
-        "bm25",
-        "grad_cos",
-        "grad_dot",
-        "random",
-        "tracin",
-    ]
+    assert sorted(r.data.tags["method"] for r in runs) == sorted(METHODS.names())
+    assert {"trak", "ekfac", "logra", "datainf", "grad_dot", "bm25"} <= set(METHODS.names())
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["task"] == "facts" and run.data.params["scale"] == "tiny"
@@ -123,7 +122,7 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
         )
     assert again.exit_code == 0
     assert "found existing model" in caplog.text and "training a" not in caplog.text
-    assert len(client.search_runs([experiment.experiment_id])) == 6
+    assert len(client.search_runs([experiment.experiment_id])) == len(METHODS.names()) + 1
     # a memory-only parameter makes another run of the same configuration, not a new row
     chunked = _invoke(results_dir, "run", "--method", "grad_dot", "--task", "facts",
                       "--scale", "tiny", "--param", "chunk_size=4")  # fmt: skip
@@ -133,13 +132,7 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
     board = _invoke(results_dir, "leaderboard", "--out", str(out))
     assert board.exit_code == 0, board.output
     table = pl.read_csv(out)
-    assert table.height == 5 and set(table["method"]) == {
-        "bm25",
-        "grad_cos",
-        "grad_dot",
-        "random",
-        "tracin",
-    }
+    assert table.height == len(METHODS.names()) and set(table["method"]) == set(METHODS.names())
     assert table.filter(pl.col("method") == "bm25")["n_runs"].item() == 1  # same seed: once
     assert table["rank"].min() == 1
     assert table.sort("rank")["mrr"].is_sorted(descending=True)

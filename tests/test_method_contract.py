@@ -39,9 +39,7 @@ def test_a_query_row_does_not_depend_on_the_other_queries(method_name, tiny_bund
         pytest.skip("random scores are drawn per call, row by row in call order")
     full = _scores(method_name, tiny_bundle, queries)
     reversed_rows = _scores(method_name, tiny_bundle, queries[::-1])
-    # float32 sums in another order: equal to rounding, not bit for bit
-    np.testing.assert_allclose(reversed_rows[::-1], full, rtol=1e-4, atol=1e-6)
-
-
-def test_save_and_reload_round_trip(method_name):
-    pytest.skip("methods have no saved state yet: the train-side feature store comes with TRAK")
+    # float32 sums in another order: equal to rounding, not bit for bit; rounding is
+    # relative to the scores' scale (a kernel's inverse amplifies it in near-zero scores)
+    scale = np.abs(full).max()
+    np.testing.assert_allclose(reversed_rows[::-1], full, rtol=1e-4, atol=1e-4 * scale)

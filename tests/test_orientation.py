@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from harness.gradients import gradient_products
+from harness.features import FeatureSpec, Featurizer, TrainFeatures, feature_products
+from harness.method import METHODS
 from harness.model import sequence_losses
-from methods.gradient import GradCos, GradDot, GradientParams, TracIn, TracInParams
+from methods.gradient import FeatureParams, GradCos, GradDot, TracIn, TracInParams
+
+GRADIENT_METHODS = [name for name in METHODS.names() if METHODS.get(name).family == "gradient"]
 
 
 def _query_loss(model, queries):
@@ -47,16 +51,42 @@ def test_tracin_sums_learning_rate_weighted_products_over_checkpoints(tiny_bundl
     last = TracIn(TracInParams(last_checkpoints=1)).score(tiny_bundle, queries)
     final_rate = tiny_bundle.checkpoints[-1].learning_rate
     np.testing.assert_allclose(
-        last, final_rate * GradDot(GradientParams()).score(tiny_bundle, queries), rtol=1e-6
+        last, final_rate * GradDot(FeatureParams()).score(tiny_bundle, queries), rtol=1e-6
     )
     # all checkpoints: Σ_c η_c ∇ℓ_c(q)ᵀ∇ℓ_c(d), each product computed on its own
     query_sequences = tiny_bundle.encode_queries(queries)
     expected = sum(
         checkpoint.learning_rate
-        * gradient_products(tiny_bundle.model(c), query_sequences, tiny_bundle.documents).double()
+        * _products(tiny_bundle.model(c), query_sequences, tiny_bundle.documents).double()
         for c, checkpoint in enumerate(tiny_bundle.checkpoints)
     )
     assert len(tiny_bundle.checkpoints) == 3
     rates = [c.learning_rate for c in tiny_bundle.checkpoints]
     assert len(set(rates)) == 3  # distinct weights, so a wrong weighting would show
     np.testing.assert_allclose(TracIn().score(tiny_bundle, queries), expected.numpy(), rtol=1e-5)
+
+
+def _products(model, queries, documents):
+    featurizer = Featurizer(model, FeatureSpec())
+    features = TrainFeatures(featurizer, documents, store=None, key_parts={})
+    return feature_products(featurizer.matrix(queries), features)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_documents_stating_the_fact_score_above_the_rest(name, tiny_bundle):
+    """The sign convention, pinned by planted truth: a flipped method scores them below.
+
+    Per learned query, the gap between the mean standardised score of the
+    documents that state its fact and of all others; averaged over queries.
+    """
+    queries = tiny_bundle.learned_queries
+    method = METHODS.get(name)(seed=0)
+    method.fit(tiny_bundle)
+    scores = method.score(tiny_bundle, queries)
+    ids = np.array(tiny_bundle.data.document_ids)
+    gaps = []
+    for row, query in zip(scores, queries, strict=True):
+        relevant = np.isin(ids, query.relevant)
+        standardised = (row - row.mean()) / row.std()
+        gaps.append(standardised[relevant].mean() - standardised[~relevant].mean())
+    assert np.mean(gaps) > 0.15
