@@ -199,7 +199,7 @@ def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
         method.fit(bundle)
     with CostMeter() as score_cost:
         scores = np.asarray(method.score(bundle, queries), dtype=np.float64)
-    _check_scores(method, scores, (len(queries), len(bundle.data.documents)))
+    _check_scores(method, scores, (len(queries), len(bundle.data.documents)), queries)
 
     index = {doc_id: i for i, doc_id in enumerate(bundle.data.document_ids)}
     relevant = [[index[doc_id] for doc_id in query.relevant] for query in queries]
@@ -215,16 +215,22 @@ def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
     return {**task_metrics, **metrics}
 
 
-def _check_scores(method: Method, scores: np.ndarray, shape: tuple[int, int]) -> None:
+def _check_scores(
+    method: Method, scores: np.ndarray, shape: tuple[int, int], queries: list[Query]
+) -> None:
     if scores.shape != shape:
         raise ValueError(
             f"{method.name}.score must return shape {shape} "
             f"(queries × documents), but returned {scores.shape}"
         )
-    bad_rows = int((~np.isfinite(scores)).any(axis=1).sum())
-    if bad_rows:
+    bad = (~np.isfinite(scores)).any(axis=1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        column = int(np.argmax(~np.isfinite(scores[first])))
         raise ScoresNotFiniteError(
-            f"{method.name} produced NaN or infinite scores for {bad_rows} of {shape[0]} queries"
+            f"{method.name} produced NaN or infinite scores for {int(bad.sum())} of {shape[0]} "
+            f"queries; the first is {queries[first].id!r} (prompt {queries[first].prompt!r}), "
+            f"score {scores[first, column]} for document {column}"
         )
 
 

@@ -20,8 +20,15 @@ class NaNScores(Method):  # no name keyword: kept out of the global registry
 
     def score(self, bundle, queries):
         scores = np.zeros((len(queries), len(bundle.data.documents)))
-        scores[0, 3] = np.nan
+        scores[1, 3] = np.nan  # the second query: the error must name it, not the first
         return scores
+
+
+def runner_bundle_queries(runner):
+    """The learned queries of the tiny facts bundle the runner just used (from its cache)."""
+    from harness.bundle import prepare_bundle
+
+    return prepare_bundle(FactsTask(), "tiny", seed=0, cache=runner.cache).learned_queries
 
 
 class Exploding(Method):
@@ -53,7 +60,10 @@ def test_failed_runs_are_marked_and_never_ranked(results_dir):
 
     assert outcomes["random"].status == "FINISHED"
     assert outcomes["nan_scores"].status == "FAILED"
-    assert "NaN or infinite scores for 1 of" in outcomes["nan_scores"].error
+    error = outcomes["nan_scores"].error
+    assert "NaN or infinite scores for 1 of" in error and "score nan for document 3" in error
+    learned = runner_bundle_queries(runner)
+    assert f"the first is {learned[1].id!r}" in error
     assert outcomes["exploding"].error == "RuntimeError: out of cheese"
     assert "must return shape" in outcomes["wrong_shape"].error
 
