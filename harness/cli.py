@@ -1,4 +1,4 @@
-"""The ``harness`` command line: list, run and leaderboard.
+"""The ``harness`` command line: list, run, leaderboard and bench.
 
 stdout carries results (tables, paths); progress and logs go to stderr.
 """
@@ -16,9 +16,11 @@ from pathlib import Path
 import click
 import polars as pl
 
+from harness import bench
 from harness.errors import HarnessError
 from harness.leaderboard import write_leaderboard
 from harness.method import METHODS
+from harness.resources import keep_freed_memory
 from harness.runner import Runner, RunOutcome, parse_method_names, plan_runs
 from harness.task import TASKS
 from harness.tracking import TrackingStoreError, tracking_uri
@@ -110,6 +112,7 @@ def main(ctx: click.Context, results_dir: Path, tracking_uri: str | None, verbos
     _configure_logging(verbose)
     for name, value in _MLFLOW_HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    keep_freed_memory()
     ctx.obj = {"results_dir": results_dir, "tracking_uri": tracking_uri}
 
 
@@ -260,6 +263,105 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
         with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=200, float_precision=3,
                        tbl_hide_dataframe_shape=True, fmt_str_lengths=120):  # fmt: skip
             click.echo(table.select(LEADERBOARD_SHOWN))
+    click.echo(f"Wrote {out}")
+
+
+@main.command("bench")
+@click.option(
+    "--workload",
+    "workloads",
+    type=click.Choice(["reference", "default"]),
+    multiple=True,
+    help="reference: random 0.44M-parameter GPT, 100 × 2,000 sequences of 64 tokens; "
+    "default: the facts task at its default scale. Both if omitted.",
+)
+@click.option(
+    "--method",
+    "methods",
+    default=",".join(bench.METHODS_TIMED),
+    show_default=True,
+    help="Gradient methods to time end to end (comma list).",
+)
+@click.option(
+    "--scale-up",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Also time the reference workload with this many times the documents (1 = skip), "
+    "for the memory-growth check.",
+)
+@click.option(
+    "--documents",
+    type=click.IntRange(min=1),
+    default=bench.REFERENCE["documents"],
+    show_default=True,
+    help="Training sequences of the reference workload.",
+)
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=bench.REFERENCE["queries"],
+    show_default=True,
+    help="Query sequences of the reference workload.",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV path; default <results-dir>/bench.csv.",
+)
+@_store_options
+def bench_command(
+    obj: dict,
+    workloads: tuple[str, ...],
+    methods: str,
+    scale_up: int,
+    documents: int,
+    queries: int,
+    threads: int,
+    out: Path | None,
+) -> None:
+    """Time gradient attribution against the FLOP lower bound and the plain baseline."""
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    for name in names:
+        try:
+            method = METHODS.get(name)
+        except HarnessError as error:
+            raise click.BadParameter(str(error), param_hint="--method") from None
+        if method.family != "gradient":
+            raise click.BadParameter(
+                f"{name} is a {method.family} method; bench times gradient methods: "
+                f"{', '.join(n for n in METHODS.names() if METHODS.get(n).family == 'gradient')}",
+                param_hint="--method",
+            )
+    out = out or obj["results_dir"] / "bench.csv"
+    _check_writable(out)
+    environment = bench.environment()
+    click.echo(
+        f"harness bench, {environment['date']}, {environment['cpus']} CPUs, "
+        f"torch {environment['torch']}; each figure in its own process"
+    )
+    rows = bench.run_benchmark(
+        workloads=list(workloads) or ["reference", "default"],
+        measures=bench.default_measures(names),
+        scale_up=scale_up,
+        results_dir=obj["results_dir"],
+        threads=threads,
+        report=click.echo,
+        documents=documents,
+        queries=queries,
+    )
+    table = pl.DataFrame(rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out)
+    shown = table.filter(pl.col("x_plain_baseline").is_not_nan()).select(
+        "workload", "measure", "seconds", "x_flop_bound", "x_plain_baseline", "peak_memory_mb"
+    )
+    with pl.Config(tbl_rows=100, float_precision=2, tbl_hide_dataframe_shape=True):
+        click.echo(shown)
     click.echo(f"Wrote {out}")
 
 

@@ -90,8 +90,9 @@ class KroneckerCurvature:
         mask = loss_mask.reshape(-1) > 0
         a = with_bias_column(inputs, self.module).reshape(-1, self.input_moment.shape[0])[mask]
         e = output_grads.reshape(-1, self.output_moment.shape[0])
-        self.input_moment.addmm_(a.T.double(), a.double())
-        self.output_moment.addmm_(e.T.double(), e.double())
+        # float32 products per chunk (float64 matmul is several times slower), summed in float64
+        self.input_moment += (a.T @ a).double()
+        self.output_moment += (e.T @ e).double()
         self.tokens += int(mask.sum())
         self.examples += loss_mask.shape[0]
 
@@ -112,6 +113,7 @@ class KroneckerCurvature:
         self.correction = torch.zeros(
             len(self.output_values), len(self.input_values), dtype=torch.float64
         )
+        self._vectors32 = (self.input_vectors.float(), self.output_vectors.float())
 
     def rotate(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
         """Per-example gradients in the Kronecker eigenbasis, ``Q_Sᵀ G Q_A``: (batch, out, in)."""
@@ -119,14 +121,14 @@ class KroneckerCurvature:
         a = with_bias_column(inputs.reshape(batch, -1, inputs.shape[-1]), self.module)
         e = output_grads.reshape(batch, -1, output_grads.shape[-1])
         # rotating tokens before the outer product is cheaper than rotating G
-        a = a @ self.input_vectors.to(a.dtype)
-        e = e @ self.output_vectors.to(e.dtype)
+        a = a @ self._vectors32[0]
+        e = e @ self._vectors32[1]
         return torch.bmm(e.transpose(1, 2), a)
 
     def add_correction(self, inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
         assert self.correction is not None, "eigendecompose first"
         rotated = self.rotate(inputs, output_grads)
-        self.correction += rotated.double().square().sum(dim=0)
+        self.correction += rotated.square().sum(dim=0).double()
         self.corrected_examples += rotated.shape[0]
 
     def eigenvalues(self, kind: str) -> torch.Tensor:

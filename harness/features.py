@@ -286,17 +286,21 @@ def feature_products(
     features: TrainFeatures,
     *,
     normalize: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Inner products (cosines if ``normalize``) of query and training features, (n_q, n).
 
     Query blocks must match ``features.blocks``. Training features are read chunk
-    by chunk and never held all at once. Preconditioned queries ask for float64:
-    a damped inverse gives them large components that cancel against the documents'.
+    by chunk and never held all at once. By default projected features (up to
+    2¹⁶ dimensions) are multiplied in float64, which costs little and keeps the
+    large, cancelling components of damped-inverse queries exact; full gradients
+    in float32, where float64 would double the cost of the largest product.
     """
+    if dtype is None:
+        dtype = torch.float64 if sum(b.size for b in features.blocks) <= 2**16 else torch.float32
     query_blocks = [q.to(dtype) for q in query_blocks]
     if normalize:
-        norms = torch.stack([q.double().square().sum(dim=1) for q in query_blocks]).sum(dim=0)
+        norms = sum(torch.linalg.vector_norm(q, dim=1).double() ** 2 for q in query_blocks)
         scale = _inverse_norms(norms)
         query_blocks = [q * scale[:, None] for q in query_blocks]
     n_queries = query_blocks[0].shape[0]
@@ -314,7 +318,8 @@ def feature_products(
         for query_block, block in zip(query_blocks, blocks, strict=True):
             block_products.addmm_(query_block, block.T.to(dtype))
         if normalize:
-            norms = sum(block.double().square().sum(dim=1) for block in blocks)
+            # vector_norm reads each block once, without a squared copy of the gradients
+            norms = sum(torch.linalg.vector_norm(block, dim=1).double() ** 2 for block in blocks)
             block_products *= _inverse_norms(norms).to(dtype)
         products[:, rows] = block_products
     return products

@@ -43,7 +43,7 @@ class FeatureParams(Params):
         log=True,
     )
     chunk_size: int = param(
-        64,
+        96,
         help="sequences per vectorised gradient chunk (memory only)",
         low=1,
         high=4096,

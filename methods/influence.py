@@ -119,7 +119,7 @@ def logra_scores(
         curvature = gram / len(features)
         inverse = damped_inverse(curvature, damping * mean_eigenvalue(curvature), what=block.name)
         preconditioned.append(query.double() @ inverse)
-    return feature_products(preconditioned, features, dtype=torch.float64)
+    return feature_products(preconditioned, features)
 
 
 def datainf_scores(
@@ -132,29 +132,28 @@ def datainf_scores(
     pass for the norms; a third pass scores.
     """
     check_damping(damping)
-    queries = [q.double() for q in query_blocks]
     n = len(features)
     squared_norms = torch.zeros(n, len(features.blocks), dtype=torch.float64)
     for rows, blocks in features.chunks():
         for index, block in enumerate(blocks):
-            squared_norms[rows, index] = block.double().square().sum(dim=1)
+            squared_norms[rows, index] = torch.linalg.vector_norm(block, dim=1).double() ** 2
     sizes = torch.tensor([b.size for b in features.blocks], dtype=torch.float64)
     dampings = damping * squared_norms.mean(dim=0) / sizes
     dampings = dampings.clamp_min(torch.finfo(torch.float64).tiny)  # a block with no signal
 
-    sums = [torch.zeros_like(q) for q in queries]
+    # products in float32 (full gradients can be large), sums kept in float64
+    sums = [torch.zeros(q.shape, dtype=torch.float64) for q in query_blocks]
     for rows, blocks in features.chunks():
         for index, block in enumerate(blocks):
-            block = block.double()
-            coefficients = (queries[index] @ block.T) / (
+            coefficients = (query_blocks[index] @ block.T).double() / (
                 dampings[index] + squared_norms[rows, index]
             )
-            sums[index] += coefficients @ block
+            sums[index] += (coefficients.float() @ block).double()
     preconditioned = [
-        (q - s / n) / damping_l
-        for q, s, damping_l in zip(queries, sums, dampings.tolist(), strict=True)
+        (q.double() - s / n) / damping_l
+        for q, s, damping_l in zip(query_blocks, sums, dampings.tolist(), strict=True)
     ]
-    return feature_products(preconditioned, features, dtype=torch.float64)
+    return feature_products(preconditioned, features)
 
 
 class LoGra(Method, name="logra", family="gradient"):
@@ -254,4 +253,4 @@ class EKFAC(Method, name="ekfac", family="gradient"):
         _, features = train_features(bundle, spec, chunk_size=self.params.chunk_size)
         order = {name: i for i, name in enumerate(names)}
         blocks = [preconditioned[order[block.name]] for block in features.blocks]
-        return feature_products(blocks, features, dtype=torch.float64).numpy()
+        return feature_products(blocks, features).double().numpy()

@@ -63,7 +63,7 @@ def kernel_scores(
     (gram,) = features.gram()
     kernel = damped_inverse(gram, damping * mean_eigenvalue(gram), what="TRAK ΦᵀΦ")
     preconditioned = query_features.double() @ kernel
-    return feature_products([preconditioned], features, dtype=torch.float64)
+    return feature_products([preconditioned], features)
 
 
 class TRAK(Method, name="trak", family="gradient"):

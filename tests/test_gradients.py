@@ -158,11 +158,14 @@ def test_products_and_cosines_match_explicit_matrices():
     features = TrainFeatures(featurizer, documents, store=None, key_parts={})
     query_blocks = featurizer.matrix(queries)
     torch.testing.assert_close(
-        feature_products(query_blocks, features), q @ d.T, rtol=1e-4, atol=1e-5
+        feature_products(query_blocks, features).float(), q @ d.T, rtol=1e-4, atol=1e-5
     )
     cosines = torch.nn.functional.cosine_similarity(q[:, None, :], d[None, :, :], dim=-1)
     torch.testing.assert_close(
-        feature_products(query_blocks, features, normalize=True), cosines, rtol=1e-4, atol=1e-6
+        feature_products(query_blocks, features, normalize=True).float(),
+        cosines,
+        rtol=1e-4,
+        atol=1e-6,
     )
 
 
@@ -173,7 +176,7 @@ def test_a_zero_gradient_has_cosine_zero_not_nan():
     features = TrainFeatures(featurizer, documents, store=None, key_parts={})
     zero = [torch.zeros(1, block.size) for block in featurizer.blocks]
     cosines = feature_products(zero, features, normalize=True)
-    assert torch.equal(cosines, torch.zeros(1, 2))
+    assert torch.equal(cosines.float(), torch.zeros(1, 2))
 
 
 def test_chunks_cover_every_sequence_in_order():

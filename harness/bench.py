@@ -1,0 +1,417 @@
+"""``harness bench``: gradient attribution cost against the machine's own limit.
+
+Every figure is measured in one run, side by side, each in a fresh process (so
+its peak resident memory is its own), and printed as a multiple of
+
+- the FLOP lower bound: ``(6 · P · T + 2 · n_q · n_d · P) / R`` seconds, the
+  forward and backward passes over all T tokens of queries and documents plus
+  one query × document product of P-dimensional gradients, at the float32
+  matmul rate R measured at the start of this run; and
+- the plain baseline: ``torch.func`` vmap-of-grad per-example gradients and one
+  matrix product, the way most libraries compute gradient similarity.
+
+Workloads: ``reference``, a randomly initialised GPT (2 layers, width 128, 4
+heads, context 64) over a byte-sized vocabulary, 100 query sequences scored
+against 2,000 training sequences of 64 tokens (and, for the memory check, ten
+times as many); ``default``, the facts task at its default scale, learned queries
+against every training document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+REFERENCE = {"vocabulary": 256, "documents": 2000, "queries": 100, "length": 64}
+CHUNK = 96  # sequences per gradient chunk, the gradient methods' default
+METHODS_TIMED = ("grad_dot", "grad_cos", "tracin", "trak", "logra", "datainf", "ekfac")
+
+
+@dataclasses.dataclass
+class Measurement:
+    workload: str
+    name: str
+    seconds: float
+    peak_memory_mb: float
+    documents: int
+    note: str = ""
+
+
+def matmul_rate(size: int = 2048, repeats: int = 3) -> float:
+    """Sustained float32 matmul throughput in FLOP/s on this process's threads (median)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        rates.append(2 * size**3 / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+# --- workloads, rebuilt identically inside every measuring process -----------------
+
+
+def reference_bundle(documents: int, queries: int, cache_root: Path):
+    """A random-token workload with the reference model, wrapped as a bundle."""
+    from harness.bundle import Bundle
+    from harness.cache import Cache
+    from harness.data import Document, Query, TaskData, encode_documents
+    from harness.model import GPT, GPTConfig
+    from harness.tokenizer import SPECIALS, WordTokenizer
+    from harness.training import Checkpoint, TrainRecipe
+
+    generator = torch.Generator().manual_seed(0)
+    # a byte-sized vocabulary: the special tokens and 253 symbols
+    words = [f"b{i}" for i in range(REFERENCE["vocabulary"] - len(SPECIALS))]
+    length = REFERENCE["length"]  # <bos> and `length` symbols: `length` inputs per sequence
+
+    def text(n_words: int) -> str:
+        ids = torch.randint(len(words), (n_words,), generator=generator)
+        return " ".join(words[i] for i in ids)
+
+    texts = [text(length) for _ in range(documents)]
+    tokenizer = WordTokenizer([*SPECIALS, *words])  # every symbol, no frequency cut
+    query_items = []
+    for q in range(queries):
+        sequence = text(length).split()
+        half = length // 2  # the loss covers the second half of the query
+        query_items.append(
+            Query(f"q{q}", " ".join(sequence[:half]), " ".join(sequence[half:]), ("d0",), ())
+        )
+    data = TaskData(
+        task="bench",
+        documents=tuple(Document(f"d{i}", t, "random") for i, t in enumerate(texts)),
+        queries=tuple(query_items),
+        heldout_texts=(text(8),),
+        reserved_words=(),
+    )
+    config = GPTConfig(vocab_size=len(tokenizer), context=length, depth=2, width=128, heads=4)
+    torch.manual_seed(0)
+    model = GPT(config)
+    recipe = TrainRecipe(context=length)
+    return Bundle(
+        task="bench",
+        scale=f"reference-{documents}",
+        seed=0,
+        data=data,
+        tokenizer=tokenizer,
+        recipe=recipe,
+        model_config=config,
+        checkpoints=[Checkpoint(1, 1e-3, model.weights())],
+        heldout_loss=float("nan"),
+        learned={q.id: True for q in query_items},
+        learned_fraction_untrained=0.0,
+        documents=encode_documents(texts, tokenizer, context=length),
+        model_key=f"bench-reference-{documents}",
+        cache=Cache(cache_root),
+    )
+
+
+def default_bundle(results_dir: Path, cache_root: Path):
+    """The facts task at its default scale, model from the results cache (trained if absent)."""
+    from harness.bundle import prepare_bundle
+    from harness.cache import Cache
+    from harness.task import TASKS
+
+    task = TASKS.get("facts")()
+    bundle = prepare_bundle(
+        task, task.default_scale, seed=0, cache=Cache(Path(results_dir) / "cache")
+    )
+    # features go to a scratch store, so that building them is part of what is timed
+    return dataclasses.replace(bundle, cache=Cache(cache_root))
+
+
+def flop_bound(bundle, queries, rate: float) -> float:
+    model = bundle.model()
+    parameters = model.num_parameters()
+    query_sequences = bundle.encode_queries(queries)
+    tokens = sum(
+        int(s.loss_mask[i].nonzero().max()) + 1
+        for s in (bundle.documents, query_sequences)
+        for i in range(len(s))
+    )
+    products = 2.0 * len(queries) * len(bundle.documents) * parameters
+    return (6.0 * parameters * tokens + products) / rate
+
+
+# --- what is measured ----------------------------------------------------------------
+
+
+def _featurize(bundle, queries) -> None:
+    from harness.gradients import GradientEngine
+
+    engine = GradientEngine(bundle.model(), chunk_size=CHUNK)
+    for _ in engine.chunks(bundle.documents):
+        pass
+
+
+def _plain_dot(bundle, queries, *, fast: bool = True) -> None:
+    """Per-example gradients of queries and documents and their full product."""
+    from harness.gradients import GradientEngine
+
+    engine = GradientEngine(bundle.model(), chunk_size=CHUNK)
+    engine._fast = fast
+    query_blocks, _ = engine.gradients(bundle.encode_queries(queries))
+    query_blocks = [block.clone() for block in query_blocks]
+    products = []
+    for blocks, _ in engine.chunks(bundle.documents):
+        chunk_products = torch.zeros(len(queries), blocks[0].shape[0])
+        for query_block, block in zip(query_blocks, blocks, strict=True):
+            chunk_products.addmm_(query_block, block.T)
+        products.append(chunk_products)
+    torch.cat(products, dim=1)
+
+
+def _vmap_baseline(bundle, queries) -> None:
+    """The plain baseline: torch.func vmap-of-grad, documents in blocks of 100, one product."""
+    from torch.func import functional_call, grad, vmap
+
+    from harness.model import sequence_losses
+
+    model = bundle.model()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params, inputs, targets, mask):
+        logits = functional_call(model, params, (inputs.unsqueeze(0),))
+        return sequence_losses(logits, targets.unsqueeze(0), mask.unsqueeze(0)).squeeze(0)
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0, 0))
+
+    def flat(sequences):
+        grads = per_example(params, sequences.inputs, sequences.targets, sequences.loss_mask)
+        return torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+
+    query_grads = flat(bundle.encode_queries(queries))
+    documents = bundle.documents
+    blocks = [query_grads @ flat(documents[s : s + 100]).T for s in range(0, len(documents), 100)]
+    torch.cat(blocks, dim=1)
+
+
+def _plain_loop(bundle, queries) -> None:
+    """One autograd call per sequence, gradients flattened, then one product."""
+    from harness.model import sequence_losses
+
+    model = bundle.model()
+    parameters = list(model.parameters())
+
+    def gradient(sequences, i):
+        n = int(sequences.loss_mask[i].nonzero().max()) + 1
+        loss = sequence_losses(
+            model(sequences.inputs[i : i + 1, :n]),
+            sequences.targets[i : i + 1, :n],
+            sequences.loss_mask[i : i + 1, :n],
+        ).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)])
+
+    query_sequences = bundle.encode_queries(queries)
+    query_grads = torch.stack([gradient(query_sequences, i) for i in range(len(queries))])
+    documents = bundle.documents
+    columns = [query_grads @ gradient(documents, i) for i in range(len(documents))]
+    torch.stack(columns, dim=1)
+
+
+def _method(name: str, overrides: dict[str, str]) -> Callable[[Any, Any], None]:
+    def run(bundle, queries) -> None:
+        from harness.method import METHODS
+
+        method_class = METHODS.get(name)
+        method = method_class(method_class.Params.from_strings(overrides), seed=0)
+        method.fit(bundle)
+        method.score(bundle, queries)
+
+    return run
+
+
+MEASURES: dict[str, tuple[Callable[..., None], str]] = {
+    "featurize": (_featurize, "per-example gradients of every document, no product"),
+    "plain_dot": (_plain_dot, "gradient-dot work: gradients of all sequences + one product"),
+    "vmap_baseline": (_vmap_baseline, "plain baseline: torch.func vmap-of-grad + one product"),
+    "plain_loop": (_plain_loop, "one autograd call per sequence + one product"),
+}
+
+
+def _workload(workload: str, size: tuple[int, int], results_dir: str, scratch: str):
+    if workload == "reference":
+        return reference_bundle(*size, Path(scratch))
+    return default_bundle(Path(results_dir), Path(scratch))
+
+
+def _child(
+    workload: str, measure: str, size: tuple[int, int], results_dir: str, threads: int, queue
+):
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
+        bundle = _workload(workload, size, results_dir, scratch)
+        queries = bundle.learned_queries
+        if measure in MEASURES:
+            function = MEASURES[measure][0]
+        else:
+            name, _, rest = measure.partition(":")
+            overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
+            function = _method(name, overrides)
+        started = time.perf_counter()
+        function(bundle, queries)
+        seconds = time.perf_counter() - started
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        queue.put((seconds, peak_kib / 1024, len(bundle.documents), len(queries)))
+
+
+def measure_in_child(
+    workload: str, measure: str, *, size: tuple[int, int], results_dir: Path, threads: int
+) -> tuple[float, float, int, int]:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_child, args=(workload, measure, size, str(results_dir), threads, queue)
+    )
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"benchmark {workload}/{measure} failed (exit code {process.exitcode})")
+    return queue.get()
+
+
+def bound_in_child(
+    workload: str, *, size: tuple[int, int], results_dir: Path, threads: int
+) -> tuple[float, float]:
+    """FLOP bound of a workload and the matmul rate, measured on ``threads`` threads."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_bound_child, args=(workload, size, str(results_dir), threads, queue)
+    )
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"benchmark {workload} set-up failed (exit code {process.exitcode})")
+    return queue.get()
+
+
+def _bound_child(
+    workload: str, size: tuple[int, int], results_dir: str, threads: int, queue
+) -> None:
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
+        bundle = _workload(workload, size, results_dir, scratch)
+        rate = matmul_rate()
+        queue.put((flop_bound(bundle, bundle.learned_queries, rate), rate))
+
+
+def run_benchmark(
+    *,
+    workloads: list[str],
+    measures: list[str],
+    scale_up: int,
+    results_dir: Path,
+    threads: int,
+    report: Callable[[str], None],
+    documents: int = REFERENCE["documents"],
+    queries: int = REFERENCE["queries"],
+) -> list[dict[str, Any]]:
+    """Measure everything asked, one process per figure; rows of the printed table.
+
+    ``documents`` and ``queries`` size the reference workload.
+    """
+    rows = []
+    for workload in workloads:
+        size = (documents, queries)
+        bound, rate = bound_in_child(workload, size=size, results_dir=results_dir, threads=threads)
+        report(
+            f"\n{workload}: float32 matmul {rate / 1e9:.0f} GFLOP/s on {threads} threads; "
+            f"FLOP lower bound {bound:.2f} s"
+        )
+        baseline = None
+        for measure in measures:
+            seconds, peak, n_documents, n_queries = measure_in_child(
+                workload, measure, size=size, results_dir=results_dir, threads=threads
+            )
+            if measure == "vmap_baseline":
+                baseline = seconds
+            rows.append(
+                {
+                    "workload": workload,
+                    "measure": measure,
+                    "documents": n_documents,
+                    "queries": n_queries,
+                    "seconds": seconds,
+                    "x_flop_bound": seconds / bound,
+                    "flop_bound_seconds": bound,
+                    "peak_memory_mb": peak,
+                }
+            )
+            report(
+                f"  {measure:<26} {seconds:7.2f} s  {seconds / bound:5.2f}× bound  "
+                f"peak {peak:6.0f} MiB"
+            )
+        for row in rows:
+            if row["workload"] == workload:
+                row["x_plain_baseline"] = row["seconds"] / baseline if baseline else float("nan")
+        if workload == "reference" and scale_up > 1:
+            report(f"  memory with {scale_up}× the training documents:")
+            # the streamed path and the stored one: both must stay flat in memory
+            for measure in [m for m in measures if m == "plain_dot" or m.startswith("trak:")]:
+                small = next(
+                    r for r in rows if r["workload"] == workload and r["measure"] == measure
+                )
+                seconds, peak, n_documents, n_queries = measure_in_child(
+                    workload, measure, size=(documents * scale_up, queries),
+                    results_dir=results_dir, threads=threads,
+                )  # fmt: skip
+                rows.append(
+                    {
+                        "workload": f"{workload}-x{scale_up}",
+                        "measure": measure,
+                        "documents": n_documents,
+                        "queries": n_queries,
+                        "seconds": seconds,
+                        "x_flop_bound": float("nan"),
+                        "flop_bound_seconds": float("nan"),
+                        "peak_memory_mb": peak,
+                        "x_plain_baseline": float("nan"),
+                        "memory_growth": peak / small["peak_memory_mb"],
+                    }
+                )
+                report(
+                    f"  {measure:<26} {seconds:7.2f} s  peak {peak:6.0f} MiB = "
+                    f"{peak / small['peak_memory_mb']:.2f}× the peak at {documents} documents"
+                )
+    return rows
+
+
+def default_measures(methods: list[str]) -> list[str]:
+    """The fixed measures, then each method end to end.
+
+    TRAK runs at 512 dimensions on the final checkpoint of one model, the same work
+    as the baseline's, so that the ratio compares like with like (its default
+    ensembles every checkpoint, which multiplies the cost by their number).
+    """
+    timed = []
+    for name in methods:
+        if name == "trak":
+            timed.append("trak:projection_dim=512,last_checkpoints=1")
+        else:
+            timed.append(f"{name}:")
+    return ["featurize", "plain_dot", "vmap_baseline", "plain_loop", *timed]
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }
