@@ -152,28 +152,22 @@ def flop_bound(bundle, queries, rate: float) -> float:
 
 
 def _featurize(bundle, queries) -> None:
-    from harness.gradients import GradientEngine
+    """Per-example gradients of every document, as the gradient methods take them."""
+    from harness.features import FeatureSpec, Featurizer, TrainFeatures
 
-    engine = GradientEngine(bundle.model(), chunk_size=CHUNK)
-    for _ in engine.chunks(bundle.documents):
+    featurizer = Featurizer(bundle.model(), FeatureSpec(), chunk_size=CHUNK)
+    for _ in TrainFeatures(featurizer, bundle.documents, store=None, key_parts={}).chunks():
         pass
 
 
-def _plain_dot(bundle, queries, *, fast: bool = True) -> None:
-    """Per-example gradients of queries and documents and their full product."""
-    from harness.gradients import GradientEngine
+def _plain_dot(bundle, queries) -> None:
+    """The harness's gradient-dot work: query and document gradients, one float32 product."""
+    from harness.features import FeatureSpec, Featurizer, TrainFeatures, feature_products
 
-    engine = GradientEngine(bundle.model(), chunk_size=CHUNK)
-    engine._fast = fast
-    query_blocks, _ = engine.gradients(bundle.encode_queries(queries))
-    query_blocks = [block.clone() for block in query_blocks]
-    products = []
-    for blocks, _ in engine.chunks(bundle.documents):
-        chunk_products = torch.zeros(len(queries), blocks[0].shape[0])
-        for query_block, block in zip(query_blocks, blocks, strict=True):
-            chunk_products.addmm_(query_block, block.T)
-        products.append(chunk_products)
-    torch.cat(products, dim=1)
+    featurizer = Featurizer(bundle.model(), FeatureSpec(), chunk_size=CHUNK)
+    features = TrainFeatures(featurizer, bundle.documents, store=None, key_parts={})
+    query_blocks = featurizer.matrix(bundle.encode_queries(queries))
+    feature_products(query_blocks, features, dtype=torch.float32)
 
 
 def _vmap_baseline(bundle, queries) -> None:
@@ -271,6 +265,24 @@ def _child(
         queue.put((seconds, peak_kib / 1024, len(bundle.documents), len(queries)))
 
 
+def median_measure(
+    workload: str,
+    measure: str,
+    *,
+    size: tuple[int, int],
+    results_dir: Path,
+    threads: int,
+    repeats: int,
+) -> tuple[float, float, int, int]:
+    """Median seconds and largest peak memory over ``repeats`` fresh processes."""
+    results = [
+        measure_in_child(workload, measure, size=size, results_dir=results_dir, threads=threads)
+        for _ in range(repeats)
+    ]
+    seconds = statistics.median(r[0] for r in results)
+    return seconds, max(r[1] for r in results), results[0][2], results[0][3]
+
+
 def measure_in_child(
     workload: str, measure: str, *, size: tuple[int, int], results_dir: Path, threads: int
 ) -> tuple[float, float, int, int]:
@@ -322,10 +334,12 @@ def run_benchmark(
     report: Callable[[str], None],
     documents: int = REFERENCE["documents"],
     queries: int = REFERENCE["queries"],
+    repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """Measure everything asked, one process per figure; rows of the printed table.
 
-    ``documents`` and ``queries`` size the reference workload.
+    ``documents`` and ``queries`` size the reference workload; each figure is the
+    median of ``repeats`` processes (the scaled-up memory check runs once).
     """
     rows = []
     for workload in workloads:
@@ -337,9 +351,10 @@ def run_benchmark(
         )
         baseline = None
         for measure in measures:
-            seconds, peak, n_documents, n_queries = measure_in_child(
-                workload, measure, size=size, results_dir=results_dir, threads=threads
-            )
+            seconds, peak, n_documents, n_queries = median_measure(
+                workload, measure, size=size, results_dir=results_dir, threads=threads,
+                repeats=repeats,
+            )  # fmt: skip
             if measure == "vmap_baseline":
                 baseline = seconds
             rows.append(

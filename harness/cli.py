@@ -305,6 +305,13 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
     help="Query sequences of the reference workload.",
 )
 @click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Processes per figure; the median time is reported.",
+)
+@click.option(
     "--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads."
 )
 @click.option(
@@ -321,6 +328,7 @@ def bench_command(
     scale_up: int,
     documents: int,
     queries: int,
+    repeats: int,
     threads: int,
     out: Path | None,
 ) -> None:
@@ -353,6 +361,7 @@ def bench_command(
         report=click.echo,
         documents=documents,
         queries=queries,
+        repeats=repeats,
     )
     table = pl.DataFrame(rows)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,21 @@ class Featurizer:
         for start in range(0, len(sequences), self.chunk_size):
             yield self.features(sequences[start : start + self.chunk_size])
 
+    def chunks_by_length(
+        self, sequences: Sequences
+    ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]:
+        """``(rows, feature blocks, losses)`` over chunks of similar-length sequences.
+
+        A chunk is padded to its longest sequence, so grouping by length saves the
+        arithmetic on padding (a third of it for documents of 10 to 80 tokens).
+        """
+        lengths = sequences.loss_mask.flip(1).cumsum(1).gt(0).sum(1)  # up to the last loss token
+        order = torch.argsort(lengths, stable=True)
+        for start in range(0, len(sequences), self.chunk_size):
+            rows = order[start : start + self.chunk_size]
+            blocks, losses = self.features(sequences[rows])
+            yield rows, blocks, losses
+
     def features(self, chunk: Sequences) -> tuple[list[torch.Tensor], torch.Tensor]:
         if self.spec.projection == "kronecker":
             captured, losses = self._capture(chunk)
@@ -159,13 +174,16 @@ class TrainFeatures:
     def __len__(self) -> int:
         return len(self.documents)
 
-    def chunks(self, chunk_size: int | None = None) -> Iterator[tuple[slice, list[torch.Tensor]]]:
-        """``(rows, feature blocks)`` over every document, in order."""
+    def chunks(
+        self, chunk_size: int | None = None
+    ) -> Iterator[tuple[slice | torch.Tensor, list[torch.Tensor]]]:
+        """``(rows, feature blocks)`` covering every document once.
+
+        ``rows`` indexes the documents of the chunk: a slice of stored features, or
+        the indices of a group of similar-length documents when computed afresh.
+        """
         if self.stored is None:
-            start = 0
-            for blocks, _ in self.featurizer.chunks(self.documents):
-                rows = slice(start, start + blocks[0].shape[0])
-                start = rows.stop
+            for rows, blocks, _ in self.featurizer.chunks_by_length(self.documents):
                 yield rows, blocks
             return
         step = chunk_size or 1024
@@ -253,16 +271,14 @@ class FeatureStore:
 def _fill(
     featurizer: Featurizer, documents: Sequences, matrix: np.ndarray, losses: np.ndarray
 ) -> None:
-    start = 0
     total = -(-len(documents) // featurizer.chunk_size)
-    chunks = featurizer.chunks(documents)
-    for blocks, chunk_losses in tqdm(
+    chunks = featurizer.chunks_by_length(documents)
+    for rows, blocks, chunk_losses in tqdm(
         chunks, total=total, desc="train features", leave=False, disable=None
     ):
-        stop = start + blocks[0].shape[0]
-        matrix[start:stop] = torch.cat(blocks, dim=1).numpy()
-        losses[start:stop] = chunk_losses.numpy()
-        start = stop
+        indices = rows.numpy()
+        matrix[indices] = torch.cat(blocks, dim=1).numpy()
+        losses[indices] = chunk_losses.numpy()
 
 
 def train_features(
@@ -314,7 +330,7 @@ def feature_products(
         disable=None,
     )
     for rows, blocks in progress:
-        block_products = torch.zeros(n_queries, rows.stop - rows.start, dtype=dtype)
+        block_products = torch.zeros(n_queries, blocks[0].shape[0], dtype=dtype)
         for query_block, block in zip(query_blocks, blocks, strict=True):
             block_products.addmm_(query_block, block.T.to(dtype))
         if normalize:

@@ -35,7 +35,7 @@ def test_bench_measures_and_writes_every_figure(tmp_path):
         main,
         ["--results-dir", str(tmp_path), "bench", "--workload", "reference",
          "--method", "grad_dot,trak", "--documents", "40", "--queries", "4",
-         "--scale-up", "2", "--out", str(out)],
+         "--scale-up", "2", "--repeats", "1", "--out", str(out)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     table = pl.read_csv(out)

@@ -42,6 +42,7 @@ def test_features_are_stored_once_and_reused(bundle, caplog, monkeypatch):
         raise AssertionError("train features were computed again")
 
     monkeypatch.setattr(Featurizer, "chunks", refuse)
+    monkeypatch.setattr(Featurizer, "chunks_by_length", refuse)
     caplog.clear()
     _, second = train_features(bundle, SPEC)
     assert "reusing stored train features" in caplog.text
@@ -80,7 +81,7 @@ def test_methods_with_the_same_projection_share_one_entry(bundle, caplog):
 
 
 def test_an_interrupted_build_leaves_nothing_that_looks_finished(bundle, monkeypatch):
-    original = Featurizer.chunks
+    original = Featurizer.chunks_by_length
 
     def fail_midway(self, sequences):
         for number, item in enumerate(original(self, sequences)):
@@ -88,12 +89,12 @@ def test_an_interrupted_build_leaves_nothing_that_looks_finished(bundle, monkeyp
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(Featurizer, "chunks", fail_midway)
+    monkeypatch.setattr(Featurizer, "chunks_by_length", fail_midway)
     with pytest.raises(KeyboardInterrupt):
         train_features(bundle, SPEC, chunk_size=8)
     assert _stored_entries(bundle) == []
     assert not any((bundle.cache.root / "features").iterdir())  # no staging folder left
-    monkeypatch.setattr(Featurizer, "chunks", original)
+    monkeypatch.setattr(Featurizer, "chunks_by_length", original)
     _, features = train_features(bundle, SPEC, chunk_size=8)
     assert np.isfinite(np.array(features.stored)).all() and features.stored.any()
 
