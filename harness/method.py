@@ -22,6 +22,12 @@ of checkpoint ``i`` (``-1`` the final model) and ``bundle.checkpoints[i]``'s
 the model learned. ``self.params`` holds the validated parameters and
 ``self.seed`` the run's seed, for any randomness.
 
+A gradient method builds on the shared machinery rather than its own:
+:func:`harness.features.train_features` gives a checkpoint's featurizer and its
+documents' (stored or streamed) gradient features, :func:`harness.features.feature_products`
+their products with query features, and :mod:`harness.curvature` damped inverses
+and K-FAC/EK-FAC factors.
+
 Subclasses register by keyword when their module is imported::
 
     class BM25(Method, name="bm25", family="retrieval"):

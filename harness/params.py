@@ -74,6 +74,45 @@ class Params:
         return dataclasses.asdict(self)
 
     @classmethod
+    def search_space(cls) -> dict[str, Any]:
+        """Optuna distributions of the tunable parameters (``tune=True``), by name.
+
+        Booleans and choices become categorical; numbers their ``[low, high]``
+        range, log-uniform where declared. A tunable number without both bounds
+        is a declaration error, reported here rather than in a sweep.
+        """
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        hints = get_type_hints(cls)
+        space: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            meta, annotation = field.metadata, hints[field.name]
+            if not meta.get("tune", True):
+                continue
+            if annotation is bool:
+                space[field.name] = CategoricalDistribution([False, True])
+            elif meta.get("choices") is not None:
+                space[field.name] = CategoricalDistribution(list(meta["choices"]))
+            elif annotation in (int, float):
+                if meta.get("low") is None or meta.get("high") is None:
+                    raise ValueError(
+                        f"{cls.__name__}.{field.name} is tunable but has no low/high bounds; "
+                        "give both or declare it tune=False"
+                    )
+                distribution = IntDistribution if annotation is int else FloatDistribution
+                space[field.name] = distribution(meta["low"], meta["high"], log=meta["log"])
+            else:
+                raise ValueError(
+                    f"{cls.__name__}.{field.name} ({_type_name(annotation)}) is tunable but "
+                    "has no choices; give choices or declare it tune=False"
+                )
+        return space
+
+    @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """One row per parameter: name, type, default, help and valid values."""
         hints = get_type_hints(cls)

@@ -6,6 +6,7 @@ import pytest
 
 from harness.errors import ParameterError, UnknownNameError
 from harness.method import METHODS
+from harness.params import Params, param
 from harness.task import TASKS
 from harness.training import TrainRecipe
 from methods.bm25 import BM25Params
@@ -93,3 +94,32 @@ def test_a_log_scale_parameter_needs_a_positive_lower_bound():
 
     with pytest.raises(ValueError, match="needs low > 0"):
         param(1e-3, help="damping", low=0.0, high=1.0, log=True)
+
+
+def test_every_registered_method_declares_a_search_space():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from harness.method import METHODS
+
+    for name in METHODS.names():
+        space = METHODS.get(name).Params.search_space()
+        for key, distribution in space.items():
+            assert isinstance(
+                distribution, CategoricalDistribution | FloatDistribution | IntDistribution
+            ), (name, key)
+    trak = METHODS.get("trak").Params.search_space()
+    assert trak["damping"].log and trak["damping"].low > 0  # damping is never 0
+    assert trak["projection_dim"] == IntDistribution(8, 65536, log=True)
+    assert "chunk_size" not in trak and "layers" not in trak  # memory knobs are not tuned
+    assert METHODS.get("ekfac").Params.search_space()["fisher"].choices == ("sampled", "empirical")
+
+
+def test_a_tunable_number_without_bounds_is_a_declaration_error():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Unbounded(Params):
+        strength: float = param(1.0, help="no range")
+
+    with pytest.raises(ValueError, match=r"Unbounded.strength is tunable but has no low/high"):
+        Unbounded.search_space()

@@ -39,8 +39,10 @@ def _dattri_scores(bundle, queries, checkpoints, weights):
         task=task,
         weight_list=torch.tensor(weights),
         normalized_grad=False,
-        projector_kwargs=None,  # exact gradients: no random projection to disagree on
     )
+    # exact gradients, no random projection to disagree on: dattri falls back to its
+    # default 512-dimensional projector when given None, so switch it off afterwards
+    attributor.projector_kwargs = None
     documents = bundle.documents
     query_sequences = bundle.encode_queries(queries)
 
