@@ -41,6 +41,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from harness.bundle import Bundle
 from harness.data import Query
@@ -103,6 +104,17 @@ class Method(abc.ABC):
             )
         self.params = params
         self.seed = seed
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse, before any training, parameters the model's structure rules out.
+
+        ``model`` has the task's architecture but untrained weights and a dummy
+        vocabulary; raise :class:`harness.errors.ParameterError` to refuse. By
+        default the parameter set's own ``check_model``, where it has one, decides.
+        """
+        check = getattr(self.params, "check_model", None)
+        if check is not None:
+            check(model)
 
     def fit(self, bundle: Bundle) -> None:  # noqa: B027 (optional step)
         """Prepare the training side; the default needs nothing."""

@@ -22,6 +22,7 @@ from harness.data import Query
 from harness.errors import ParameterError, ScoresNotFiniteError, UnknownNameError
 from harness.method import METHODS, Method
 from harness.metrics import query_metrics, summarize
+from harness.model import GPT
 from harness.resources import CostMeter
 from harness.task import TASKS, Task
 from harness.tracking import Tracker, code_version, tracking_uri
@@ -83,6 +84,11 @@ def plan_runs(
     methods = tuple(
         cls(cls.Params.from_strings(per_method[cls.name]), seed=seed) for cls in method_classes
     )
+    # the model's structure is known from the recipe before training: a skeleton of it
+    # lets methods refuse layer selections that match nothing, without waiting minutes
+    skeleton = GPT(task_class.scale(scale).recipe.model_config(vocab_size=16))
+    for method in methods:
+        method.check_model(skeleton)
     return RunPlan(task=task_class(), scale=scale, seed=seed, methods=methods)
 
 

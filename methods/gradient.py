@@ -16,6 +16,7 @@ import torch
 from harness.bundle import Bundle
 from harness.data import Query
 from harness.features import PROJECTIONS, FeatureSpec, feature_products, train_features
+from harness.gradients import select_linear_modules, select_parameters
 from harness.method import Method
 from harness.params import Params, param
 
@@ -49,6 +50,13 @@ class FeatureParams(Params):
         high=4096,
         tune=False,
     )
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """The layer globs must select something of the model (and linear layers for LoGra)."""
+        if self.projection == "kronecker":
+            select_linear_modules(model, self.layers)
+        else:
+            select_parameters(model, self.layers)
 
     def spec(self, seed: int) -> FeatureSpec:
         return FeatureSpec(

@@ -191,6 +191,9 @@ class EKFAC(Method, name="ekfac", family="gradient"):
     description = "EK-FAC influence functions over the linear layers"
     Params = EKFACParams
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        _refuse_tied(model, select_linear_modules(model, self.params.layers))
+
     def fit(self, bundle: Bundle) -> None:
         params = self.params
         check_damping(params.damping)

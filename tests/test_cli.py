@@ -60,6 +60,26 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
             r"'b' must lie in \[0.0, 1.0\]",
         ),
         (
+            ["--method", "trak,ekfac", "--task", "facts", "--param", "damping=0"],
+            r"'damping' must lie in \[1e-09, 1000.0\], but got 0.0",
+        ),
+        (
+            ["--method", "grad_dot", "--task", "facts", "--param", "layers=nothing.*"],
+            r"layers='nothing.\*' matches no parameter.*blocks.0.attention.qkv",
+        ),
+        (
+            ["--method", "logra", "--task", "facts", "--param", "layers=norm_final.*"],
+            r"matches no linear layer; the model's linear layers are blocks.0.attention.qkv",
+        ),
+        (
+            ["--method", "ekfac", "--task", "facts", "--param", "layers=head.*"],
+            r"layer 'head' shares its weight with \['token_embedding.weight'\]",
+        ),
+        (
+            ["--method", "trak", "--task", "facts", "--param", "projection=kronecker"],
+            r"'projection' must be one of \['gaussian', 'rademacher'\]",
+        ),
+        (
             ["--method", "bm25", "--task", "facts", "--param", "depth=3"],
             "unknown parameter 'depth'",
         ),
