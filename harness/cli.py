@@ -334,6 +334,8 @@ def bench_command(
 ) -> None:
     """Time gradient attribution against the FLOP lower bound and the plain baseline."""
     names = [name.strip() for name in methods.split(",") if name.strip()]
+    if not names:
+        raise click.BadParameter("name at least one gradient method", param_hint="--method")
     for name in names:
         try:
             method = METHODS.get(name)
@@ -363,13 +365,15 @@ def bench_command(
         queries=queries,
         repeats=repeats,
     )
-    table = pl.DataFrame(rows)
+    table = pl.DataFrame(rows, infer_schema_length=None)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.write_csv(out)
-    shown = table.filter(pl.col("x_plain_baseline").is_not_nan()).select(
-        "workload", "measure", "seconds", "x_flop_bound", "x_plain_baseline", "peak_memory_mb"
-    )
-    with pl.Config(tbl_rows=100, float_precision=2, tbl_hide_dataframe_shape=True):
+    shown = table.filter(pl.col("x_plain_baseline_warm").is_not_null()).select(
+        "workload", "measure", "seconds_cold", "seconds_warm", "x_flop_bound_warm",
+        "x_plain_baseline_warm", "peak_memory_mb",
+    )  # fmt: skip
+    with pl.Config(tbl_rows=100, float_precision=2, tbl_hide_dataframe_shape=True,
+                   fmt_str_lengths=44, tbl_width_chars=160):  # fmt: skip
         click.echo(shown)
     click.echo(f"Wrote {out}")
 

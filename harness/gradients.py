@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import math
 from collections.abc import Iterator
 
 import torch
@@ -311,24 +310,3 @@ def _reference_gradients(
     per_example = vmap(grad(loss, has_aux=True), in_dims=(None, 0, 0, 0))
     grads, losses = per_example(selected, chunk.inputs, chunk.targets, chunk.loss_mask)
     return [grads[name].flatten(start_dim=1) for name, _ in parameters], losses.detach()
-
-
-def gradient_flops(model: nn.Module, tokens: int) -> float:
-    """Floating-point operations of a forward and backward over ``tokens`` tokens: 6 · P · T.
-
-    The tied output head counts twice (it multiplies as an embedding-sized matrix), and
-    embedding lookups, which do no arithmetic, are not counted.
-    """
-    matmul_parameters = sum(
-        module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear)
-    )
-    return 6.0 * matmul_parameters * tokens
-
-
-def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
-    # a zero gradient stays zero instead of becoming NaN
-    return matrix / matrix.norm(dim=1, keepdim=True).clamp_min(torch.finfo(matrix.dtype).tiny)
-
-
-def chunk_count(n: int, chunk_size: int) -> int:
-    return math.ceil(n / chunk_size)

@@ -3,7 +3,7 @@
 Only FINISHED runs are read: a failed run (an error, or NaN scores) is never
 ranked. A row is one configuration: a method with its parameters, on a task at
 a scale with its task settings and model recipe (``setup``, a hash of both).
-Parameters that change only memory use (declared ``tune=False``) do not split
+Parameters that change only memory use (declared ``memory_only=True``) do not split
 rows. Runs of a configuration with different seeds are pooled, and a repeated
 run of the same seed counts once, its latest run.
 
@@ -98,7 +98,7 @@ def _memory_only_params(method: str | None) -> set[str]:
         declared = METHODS.get(method or "").Params.describe()
     except UnknownNameError:  # a plugin no longer installed: keep every parameter
         return set()
-    return {p["name"] for p in declared if not p["tune"]}
+    return {p["name"] for p in declared if p.get("memory_only")}
 
 
 def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:

@@ -105,16 +105,17 @@ class Method(abc.ABC):
         self.params = params
         self.seed = seed
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, *, checkpoints: int) -> None:
         """Refuse, before any training, parameters the model's structure rules out.
 
         ``model`` has the task's architecture but untrained weights and a dummy
-        vocabulary; raise :class:`harness.errors.ParameterError` to refuse. By
-        default the parameter set's own ``check_model``, where it has one, decides.
+        vocabulary, and training will keep ``checkpoints`` checkpoints; raise
+        :class:`harness.errors.ParameterError` to refuse. By default the parameter
+        set's own ``check_model``, where it has one, decides.
         """
         check = getattr(self.params, "check_model", None)
         if check is not None:
-            check(model)
+            check(model, checkpoints=checkpoints)
 
     def fit(self, bundle: Bundle) -> None:  # noqa: B027 (optional step)
         """Prepare the training side; the default needs nothing."""

@@ -25,10 +25,14 @@ def param(
     choices: Sequence[Any] | None = None,
     log: bool = False,
     tune: bool = True,
+    memory_only: bool = False,
 ) -> Any:
     """Declare one parameter; ``low``/``high`` are inclusive bounds.
 
     ``log`` asks for a log-uniform search space, which needs ``low > 0``.
+    ``tune=False`` keeps it out of the search space; ``memory_only=True`` says it
+    changes nothing but memory use and speed (a chunk size), so runs that differ
+    only in it are the same configuration (implies ``tune=False``).
     """
     if log and (low is None or low <= 0):
         raise ValueError(f"a log-scale parameter needs low > 0, but got low={low!r}")
@@ -38,7 +42,8 @@ def param(
         "high": high,
         "choices": choices,
         "log": log,
-        "tune": tune,
+        "tune": tune and not memory_only,
+        "memory_only": memory_only,
     }
     return dataclasses.field(default=default, metadata=metadata)
 

@@ -86,9 +86,10 @@ def plan_runs(
     )
     # the model's structure is known from the recipe before training: a skeleton of it
     # lets methods refuse layer selections that match nothing, without waiting minutes
-    skeleton = GPT(task_class.scale(scale).recipe.model_config(vocab_size=16))
+    recipe = task_class.scale(scale).recipe
+    skeleton = GPT(recipe.model_config(vocab_size=16))
     for method in methods:
-        method.check_model(skeleton)
+        method.check_model(skeleton, checkpoints=recipe.checkpoints)
     return RunPlan(task=task_class(), scale=scale, seed=seed, methods=methods)
 
 

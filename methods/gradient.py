@@ -15,10 +15,13 @@ import torch
 
 from harness.bundle import Bundle
 from harness.data import Query
+from harness.errors import ParameterError
 from harness.features import PROJECTIONS, FeatureSpec, feature_products, train_features
 from harness.gradients import select_linear_modules, select_parameters
 from harness.method import Method
 from harness.params import Params, param
+
+KRONECKER_MAX_RANK = 256  # 65,536 features per layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +51,31 @@ class FeatureParams(Params):
         help="sequences per vectorised gradient chunk (memory only)",
         low=1,
         high=4096,
-        tune=False,
+        memory_only=True,
     )
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """The layer globs must select something of the model (and linear layers for LoGra)."""
+    def check_model(self, model: torch.nn.Module, *, checkpoints: int) -> None:
+        """Layers must select something, projections fit it, checkpoints exist."""
         if self.projection == "kronecker":
             select_linear_modules(model, self.layers)
+            if self.projection_dim > KRONECKER_MAX_RANK:
+                raise ParameterError(
+                    f"projection_dim={self.projection_dim} is a Kronecker rank per side "
+                    f"({self.projection_dim}² features per layer); the largest is "
+                    f"{KRONECKER_MAX_RANK}"
+                )
         else:
-            select_parameters(model, self.layers)
+            size = sum(p.numel() for _, p in select_parameters(model, self.layers))
+            if self.projection != "none" and self.projection_dim > size:
+                raise ParameterError(
+                    f"projection_dim={self.projection_dim} exceeds the {size} gradient "
+                    f"entries of layers={self.layers!r}: a projection must compress"
+                )
+        last = getattr(self, "last_checkpoints", 0)
+        if last > checkpoints:
+            raise ParameterError(
+                f"last_checkpoints={last}, but this task's recipe keeps {checkpoints} checkpoints"
+            )
 
     def spec(self, seed: int) -> FeatureSpec:
         return FeatureSpec(

@@ -191,7 +191,7 @@ class EKFAC(Method, name="ekfac", family="gradient"):
     description = "EK-FAC influence functions over the linear layers"
     Params = EKFACParams
 
-    def check_model(self, model: torch.nn.Module) -> None:
+    def check_model(self, model: torch.nn.Module, *, checkpoints: int) -> None:
         _refuse_tied(model, select_linear_modules(model, self.params.layers))
 
     def fit(self, bundle: Bundle) -> None:

@@ -76,6 +76,38 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
             r"layer 'head' shares its weight with \['token_embedding.weight'\]",
         ),
         (
+            ["--method", "tracin,trak", "--task", "facts", "--param", "last_checkpoints=10"],
+            r"last_checkpoints=10, but this task's recipe keeps 4 checkpoints",
+        ),
+        (
+            [
+                "--method",
+                "grad_dot",
+                "--task",
+                "facts",
+                "--param",
+                "projection=kronecker",
+                "--param",
+                "projection_dim=512",
+            ],
+            r"projection_dim=512 is a Kronecker rank per side .* the largest is 256",
+        ),
+        (
+            [
+                "--method",
+                "grad_dot",
+                "--task",
+                "facts",
+                "--param",
+                "projection=gaussian",
+                "--param",
+                "layers=norm_final.*",
+                "--param",
+                "projection_dim=512",
+            ],
+            r"projection_dim=512 exceeds the 256 gradient entries of layers='norm_final.\*'",
+        ),
+        (
             ["--method", "trak", "--task", "facts", "--param", "projection=kronecker"],
             r"'projection' must be one of \['gaussian', 'rademacher'\]",
         ),

@@ -80,3 +80,12 @@ def test_another_model_recipe_or_task_setting_is_another_row():
     runs = pl.DataFrame([_run("bm25", 0, 0.2, setup="s1"), _run("bm25", 1, 0.4, setup="s2")])
     board = build_leaderboard(runs)
     assert board.height == 2 and board["n_runs"].to_list() == [1, 1]
+
+
+def test_only_memory_knobs_are_left_out_of_a_configuration():
+    """Regression: layers (and EK-FAC's fit_documents) change scores, so they split rows."""
+    from harness.leaderboard import _memory_only_params
+
+    for name in ("grad_dot", "grad_cos", "tracin", "trak", "logra", "datainf", "ekfac"):
+        assert _memory_only_params(name) == {"chunk_size"}, name
+    assert _memory_only_params("bm25") == set()
