@@ -28,6 +28,7 @@ from harness.gradients import Block
 _logger = logging.getLogger(__name__)
 
 DENSE_KINDS = ("gaussian", "rademacher")
+_LAST_KEPT: dict = {}  # the most recently kept projection matrix, shared by equal configurations
 PIECE_BYTES = 64 * 2**20  # one generated piece of a projection matrix
 
 
@@ -76,6 +77,14 @@ class DenseProjection:
         total_bytes = 4 * dim * sum(block.size for block in blocks)
         self.keep = total_bytes <= memory_budget_bytes
         self._kept: dict[int, torch.Tensor] = {}
+        if self.keep:
+            # the same matrix serves every checkpoint and model of one configuration:
+            # generating it costs more than projecting a few hundred documents with it
+            key = (kind, dim, seed, tuple(blocks))
+            if _LAST_KEPT.get("key") != key:
+                _LAST_KEPT.clear()
+                _LAST_KEPT.update(key=key, pieces={})
+            self._kept = _LAST_KEPT["pieces"]
         if not self.keep:
             _logger.info(
                 "the %.1f GiB projection matrix exceeds the %.1f GiB budget: its pieces are "
@@ -90,8 +99,9 @@ class DenseProjection:
         size = sum(block.size for block in blocks)
         if matrix.shape[0] != size:
             raise ValueError(f"matrix has {matrix.shape[0]} rows, but the gradients have {size}")
-        projection = cls(blocks, matrix.shape[1], kind="gaussian", seed=0)
+        projection = cls(blocks, matrix.shape[1], kind="gaussian", seed=0, memory_budget_bytes=0)
         projection.keep = True
+        projection._kept = {}  # its own pieces, never the shared seeded ones
         offsets = [0]
         for block in blocks:
             offsets.append(offsets[-1] + block.size)

@@ -67,7 +67,7 @@ class DataInfParams(FeatureParams):
     )
     damping: float = param(
         0.1,
-        help="λ_l relative to the layer's mean squared gradient entry (the paper's 0.1)",
+        help="λ_l relative to the block's mean squared gradient entry (the paper's 0.1)",
         low=1e-9,
         high=1e3,
         log=True,
@@ -171,9 +171,9 @@ class LoGra(Method, name="logra", family="gradient"):
 
 
 class DataInf(Method, name="datainf", family="gradient"):
-    """DataInf's closed-form inverse, per layer block of the (projected) gradients."""
+    """DataInf's closed-form inverse, per block of the (projected) gradients."""
 
-    description = "DataInf: closed-form influence, per layer"
+    description = "DataInf: closed-form influence, per gradient block"
     Params = DataInfParams
 
     def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:

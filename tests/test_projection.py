@@ -120,3 +120,16 @@ def test_kronecker_projection_equals_the_kronecker_product_applied_to_full_gradi
 
 def _split_columns(matrix, engine):
     return list(torch.split(matrix, [block.size for block in engine.blocks], dim=1))
+
+
+def test_equal_configurations_share_one_generated_matrix():
+    model, documents, _ = _setup()
+    engine = GradientEngine(model)
+    first = DenseProjection(engine.blocks, 16, kind="gaussian", seed=7)
+    blocks, _ = engine.gradients(documents)
+    projected = first(blocks)
+    again = DenseProjection(engine.blocks, 16, kind="gaussian", seed=7)
+    assert again._kept is first._kept and len(again._kept) == len(again.pieces)
+    torch.testing.assert_close(again(blocks), projected)
+    other = DenseProjection(engine.blocks, 16, kind="gaussian", seed=8)
+    assert other._kept is not first._kept and not other._kept
