@@ -177,7 +177,6 @@ class DataInf(Method, name="datainf", family="gradient"):
     Params = DataInfParams
 
     def score(self, bundle: Bundle, queries: list[Query]) -> np.ndarray:
-        check_damping(self.params.damping)
         featurizer, features = train_features(
             bundle, self.params.spec(self.seed), chunk_size=self.params.chunk_size
         )
@@ -209,19 +208,23 @@ class EKFAC(Method, name="ekfac", family="gradient"):
             documents = documents[chosen.sort().values]
         generator = torch.Generator().manual_seed(self.seed)
         sample = params.fisher == "sampled"
-        chunk = params.chunk_size
-        starts = range(0, len(documents), chunk)
-        for start in tqdm(starts, desc="EK-FAC factors", leave=False, disable=None):
-            batch = documents[start : start + chunk]
-            captured, _ = capture(batch, sample_labels=sample, generator=generator)
-            for curvature, (inputs, output_grads) in zip(self.curvatures, captured, strict=True):
-                curvature.add_factors(inputs, output_grads, batch.loss_mask)
+
+        def passes(description: str):
+            """(loss mask, captured inputs and output gradients) per chunk of one pass."""
+            starts = range(0, len(documents), params.chunk_size)
+            for start in tqdm(starts, desc=description, leave=False, disable=None):
+                batch = documents[start : start + params.chunk_size]
+                captured, _ = capture(batch, sample_labels=sample, generator=generator)
+                yield batch.loss_mask, zip(self.curvatures, captured, strict=True)
+
+        for loss_mask, layers in passes("EK-FAC factors"):
+            for curvature, (inputs, output_grads) in layers:
+                curvature.add_factors(inputs, output_grads, loss_mask)
         for curvature in self.curvatures:
             curvature.eigendecompose()
-        for start in tqdm(starts, desc="EK-FAC eigenvalues", leave=False, disable=None):
-            batch = documents[start : start + chunk]
-            captured, _ = capture(batch, sample_labels=sample, generator=generator)
-            for curvature, (inputs, output_grads) in zip(self.curvatures, captured, strict=True):
+        # fresh label samples: the correction is a second, independent estimate
+        for _, layers in passes("EK-FAC eigenvalues"):
+            for curvature, (inputs, output_grads) in layers:
                 curvature.add_correction(inputs, output_grads)
         self.model_key = bundle.model_key
 
