@@ -43,6 +43,12 @@ _DAMPING_HELP = "λ relative to the curvature's mean eigenvalue (must be positiv
 
 @dataclasses.dataclass(frozen=True)
 class LoGraParams(FeatureParams):
+    layers: str = param(
+        "*",
+        help="globs over linear layers' weight names: the projection covers linear layers "
+        "only ('*' = every one, the output head's use of the tied embedding included)",
+        tune=False,
+    )
     projection: str = param("kronecker", help="LoGra's projection (fixed)", choices=("kronecker",))
     projection_dim: int = param(
         16,
