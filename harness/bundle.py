@@ -52,6 +52,11 @@ class Bundle:
     model_key: str
     cache: Cache | None = None  # where derived artifacts (train features, replicas) go
     replica_index: int = 0  # 0: the reference model; k: the k-th independent retrain
+    # the reference model's key, kept by replicas and variants: what retrain pools hang off
+    setup_key: str = ""
+
+    def __post_init__(self) -> None:
+        self.setup_key = self.setup_key or self.model_key
 
     def model(self, checkpoint: int = -1) -> GPT:
         """A fresh model in eval mode holding the weights of one checkpoint."""
@@ -101,6 +106,23 @@ class Bundle:
             heldout_loss=manifest["heldout_loss"],
             model_key=key,
             replica_index=index,
+        )
+
+    def randomized(self, seed: int) -> Bundle:
+        """The same task with every checkpoint replaced by freshly initialised weights.
+
+        For the model-randomisation sanity check (Adebayo et al., 2018): scores
+        that survive it do not depend on what the model learned.
+        """
+        torch.manual_seed(_randomized_seed(self.seed, seed))
+        weights = GPT(self.model_config).weights()
+        return dataclasses.replace(
+            self,
+            checkpoints=[
+                Checkpoint(c.step, c.learning_rate, {k: v.clone() for k, v in weights.items()})
+                for c in self.checkpoints
+            ],
+            model_key=content_key({"reference": self.model_key, "randomized": seed}),
         )
 
     @property
@@ -265,6 +287,10 @@ def _load_checkpoints(folder: Path, manifest: dict) -> list[Checkpoint]:
         )
         for c in manifest["checkpoints"]
     ]
+
+
+def _randomized_seed(seed: int, variant: int) -> int:
+    return 999_999_937 * (variant + 1) + seed
 
 
 def _replica_seed(seed: int, index: int) -> int:

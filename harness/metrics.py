@@ -96,3 +96,44 @@ def summarize(per_query: dict[str, np.ndarray], *, seed: int = 0) -> dict[str, f
         mean, low, high = mean_with_ci(per_query[column], seed=seed)
         summary.update({name: mean, f"{name}_ci_low": low, f"{name}_ci_high": high})
     return summary
+
+
+# --- counterfactual and reliability metrics ----------------------------------------
+
+
+def rank_correlations(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``first`` with the same row of ``second``.
+
+    A row that is constant in either array ranks nothing; its correlation is 0,
+    the value of a predictor that carries no information, not NaN.
+    """
+    first, second = np.atleast_2d(first), np.atleast_2d(second)
+    if first.shape != second.shape:
+        raise ValueError(f"shapes differ: {first.shape} and {second.shape}")
+    a = stats.rankdata(first, axis=1)
+    b = stats.rankdata(second, axis=1)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    numerator = (a * b).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlations = np.where(denominator > 0, numerator / denominator, 0.0)
+    return np.clip(correlations, -1.0, 1.0)
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The linear datamodeling score of each query (Park et al., 2023).
+
+    scores (n_queries, n_documents); masks (n_models, n_documents), True where a
+    retrained model kept the document; targets (n_models, n_queries), each
+    model's target log-probability. Per query: the Spearman correlation, over
+    models, between the sum of the query's scores over the model's documents and
+    the model's target log-probability.
+    """
+    if masks.shape[1] != scores.shape[1] or targets.shape != (masks.shape[0], scores.shape[0]):
+        raise ValueError(
+            f"LDS needs scores (Q, n), masks (M, n) and targets (M, Q), but got "
+            f"{scores.shape}, {masks.shape} and {targets.shape}"
+        )
+    predicted = masks.astype(np.float64) @ scores.T  # (M, Q)
+    return rank_correlations(predicted.T, targets.T)
