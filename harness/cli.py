@@ -16,8 +16,9 @@ from pathlib import Path
 import click
 import polars as pl
 
-from harness import bench
+from harness import bench, executor
 from harness.errors import HarnessError
+from harness.evaluation import Evaluation
 from harness.leaderboard import write_leaderboard
 from harness.method import METHODS
 from harness.resources import keep_freed_memory
@@ -170,11 +171,79 @@ def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
     metavar="KEY=VALUE",
     help="Method parameter; METHOD.KEY=VALUE targets one method. Repeatable.",
 )
+@click.option(
+    "--lds/--no-lds",
+    default=True,
+    show_default=True,
+    help="Score every method against models retrained on random subsets (LDS); the pool "
+    "is trained once per task and cached.",
+)
+@click.option(
+    "--pool-models",
+    type=int,
+    default=Evaluation.pool_models,
+    show_default=True,
+    help="Retrained models in the LDS pool (a larger pool reuses a smaller one's models).",
+)
+@click.option(
+    "--pool-fraction",
+    type=float,
+    default=Evaluation.pool_fraction,
+    show_default=True,
+    help="Fraction α of the documents each pool model trains on.",
+)
+@click.option(
+    "--reliability/--no-reliability",
+    default=True,
+    show_default=True,
+    help="Rescore with another method seed, on an independently trained model and on "
+    "re-initialised weights (stability and the randomisation check).",
+)
+@click.option(
+    "--removal",
+    is_flag=True,
+    help="Also retrain without each sampled query's top-k documents and k random ones "
+    "(k = 10, 50; costly: two retrains per query and k).",
+)
+@click.option(
+    "--removal-queries",
+    type=int,
+    default=Evaluation.removal_queries,
+    show_default=True,
+    help="Queries sampled for --removal.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes for retraining (default: one per 2 cores).",
+)
 @_store_options
 def run(
-    obj: dict, methods: str, task: str, scale: str | None, seed: int, params: tuple[str, ...]
+    obj: dict,
+    methods: str,
+    task: str,
+    scale: str | None,
+    seed: int,
+    params: tuple[str, ...],
+    lds: bool,
+    pool_models: int,
+    pool_fraction: float,
+    reliability: bool,
+    removal: bool,
+    removal_queries: int,
+    workers: int | None,
 ) -> None:
     """Run attribution methods on a task, each as its own MLflow run."""
+    executor.configure(workers=workers)
+    evaluation = Evaluation(
+        lds=lds,
+        pool_models=pool_models,
+        pool_fraction=pool_fraction,
+        reliability=reliability,
+        removal=removal,
+        removal_queries=removal_queries,
+    )
     try:
         plan = plan_runs(
             parse_method_names(methods),
@@ -182,6 +251,7 @@ def run(
             scale=scale,
             seed=seed,
             overrides=_parse_key_values(params),
+            evaluation=evaluation,
         )
         runner = Runner(obj["results_dir"], tracking_uri_override=obj["tracking_uri"])
     except (HarnessError, ValueError, TypeError) as error:
@@ -212,7 +282,8 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
         )
     header = (
         f"{'method':<10} {'MRR [95% CI]':<22} {'R@1':>6} {'R@10':>6} {'R@50':>6} "
-        f"{'AUPRC':>6} {'fit s':>7} {'score s':>8} {'mem MB':>7}"
+        f"{'AUPRC':>6} {'LDS':>6} {'seed ρ':>6} {'model ρ':>7} {'rand ρ':>6} "
+        f"{'fit s':>7} {'score s':>8} {'mem MB':>7}"
     )
     click.echo(header)
     click.echo("-" * len(header))
@@ -224,13 +295,39 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
         mrr = f"{m['mrr']:.3f} [{m['mrr_ci_low']:.3f}, {m['mrr_ci_high']:.3f}]"
         click.echo(
             f"{o.method:<10} {mrr:<22} {m['recall_at_1']:>6.3f} {m['recall_at_10']:>6.3f} "
-            f"{m['recall_at_50']:>6.3f} {m['auprc']:>6.3f} {m['fit_seconds']:>7.2f} "
+            f"{m['recall_at_50']:>6.3f} {m['auprc']:>6.3f} {_cell(m, 'lds')} "
+            f"{_cell(m, 'seed_stability')} {_cell(m, 'model_seed_stability', 7)} "
+            f"{_cell(m, 'randomization_correlation')} "
+            f"{m['fit_seconds']:>7.2f} "
             f"{m['score_seconds']:>8.2f} {m['peak_memory_mb']:>7.0f}"
         )
+    removals = [o for o in finished if "removal_queries" in o.metrics]
+    if removals:
+        click.echo(
+            "\nTop-k removal, mean drop of the target log-probability over "
+            f"{int(removals[0].metrics['removal_queries'])} queries (top-k / random k / effect):"
+        )
+        for o in removals:
+            ks = sorted(
+                int(k.rpartition("_")[2]) for k in o.metrics if k.startswith("removal_effect")
+            )
+            cells = [
+                f"k={k}: {o.metrics[f'removal_drop_at_{k}']:.3f} / "
+                f"{o.metrics[f'removal_random_drop_at_{k}']:.3f} / "
+                f"{o.metrics[f'removal_effect_at_{k}']:+.3f}"
+                for k in ks
+            ]
+            click.echo(f"{o.method:<10} " + "   ".join(cells))
+
+
+def _cell(metrics: dict[str, float], name: str, width: int = 6) -> str:
+    return f"{metrics[name]:>{width}.3f}" if name in metrics else f"{'-':>{width}}"
 
 
 LEADERBOARD_SHOWN = ["task", "scale", "rank", "method", "params", "seeds", "mrr", "mrr_ci_low",
-                     "mrr_ci_high", "recall_at_10", "auprc", "score_seconds"]  # fmt: skip
+                     "mrr_ci_high", "recall_at_10", "auprc", "lds", "seed_stability",
+                     "model_seed_stability", "randomization_correlation",
+                     "score_seconds"]  # fmt: skip
 
 
 @main.command()

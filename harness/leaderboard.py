@@ -25,17 +25,24 @@ from scipy import stats
 
 from harness.cache import content_key
 from harness.errors import UnknownNameError
+from harness.evaluation import REMOVAL_KS
 from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.tracking import TASK_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
-FIDELITY = list(SUMMARY_NAMES.values())
+FIDELITY = [*SUMMARY_NAMES.values(), "lds"]
 INTERVALS = [f"{name}{suffix}" for name in FIDELITY for suffix in ("_ci_low", "_ci_high")]
-COST = ["fit_seconds", "score_seconds", "peak_memory_mb"]
+REMOVAL = [
+    f"removal_{kind}_at_{k}" for k in REMOVAL_KS for kind in ("drop", "random_drop", "effect")
+]
+RELIABILITY = [
+    "seed_stability", "model_seed_stability", "randomization_correlation", "failed_queries",
+]  # fmt: skip
+COST = ["fit_seconds", "score_seconds", "peak_memory_mb", "reliability_seconds"]
 CONTEXT = ["queries_scored", "learned_fraction", "learned_fraction_untrained", "heldout_loss"]
-METRICS = FIDELITY + INTERVALS + COST + CONTEXT
+METRICS = FIDELITY + INTERVALS + REMOVAL + RELIABILITY + COST + CONTEXT
 CONFIGURATION = ["task", "scale", "setup", "method", "params"]
 RANK_BY = "mrr"
 
@@ -107,7 +114,7 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     table = latest.group_by(CONFIGURATION).agg(
         pl.len().cast(pl.Int64).alias("n_runs"),
         pl.col("seed").sort().cast(pl.String).str.join(" ").alias("seeds"),
-        *[pl.col(m).mean() for m in FIDELITY + COST + CONTEXT],
+        *[pl.col(m).mean() for m in FIDELITY + REMOVAL + RELIABILITY + COST + CONTEXT],
         *[pl.col(m).std().alias(f"{m}_std") for m in FIDELITY],
         *[pl.col(m).first().alias(f"{m}_single") for m in INTERVALS],
     )
@@ -132,7 +139,7 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     ordered = ["task", "scale", "setup", "rank", "method", "params", "n_runs", "seeds"]
     ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
-    ordered += COST + CONTEXT
+    ordered += REMOVAL + RELIABILITY + COST + CONTEXT
     return table.select(ordered).sort("task", "scale", "setup", "rank", "method", nulls_last=True)
 
 

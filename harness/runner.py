@@ -20,10 +20,12 @@ from harness.bundle import Bundle, prepare_bundle
 from harness.cache import Cache
 from harness.data import Query
 from harness.errors import ParameterError, ScoresNotFiniteError, UnknownNameError
+from harness.evaluation import Evaluation, lds_metrics, reliability_metrics, removal_metrics
 from harness.method import METHODS, Method
 from harness.metrics import query_metrics, summarize
 from harness.model import GPT
 from harness.resources import CostMeter
+from harness.retrain import SubsetPool, build_pool
 from harness.task import TASKS, Task
 from harness.tracking import Tracker, code_version, tracking_uri
 
@@ -38,6 +40,7 @@ class RunPlan:
     scale: str
     seed: int
     methods: tuple[Method, ...]
+    evaluation: Evaluation = dataclasses.field(default_factory=Evaluation)
 
 
 @dataclasses.dataclass
@@ -68,6 +71,7 @@ def plan_runs(
     scale: str | None,
     seed: int,
     overrides: Mapping[str, str],
+    evaluation: Evaluation | None = None,
 ) -> RunPlan:
     """Check every name and parameter; raise before any expensive work."""
     if isinstance(method_names, str):
@@ -79,6 +83,8 @@ def plan_runs(
     task_class = TASKS.get(task_name)
     scale = scale or task_class.default_scale
     task_class.scale(scale)
+    evaluation = evaluation or Evaluation()
+    evaluation.check()
     method_classes = [METHODS.get(name) for name in method_names]
     per_method = _split_overrides(method_classes, overrides)
     methods = tuple(
@@ -90,7 +96,9 @@ def plan_runs(
     skeleton = GPT(recipe.model_config(vocab_size=16))
     for method in methods:
         method.check_model(skeleton, checkpoints=recipe.checkpoints)
-    return RunPlan(task=task_class(), scale=scale, seed=seed, methods=methods)
+    return RunPlan(
+        task=task_class(), scale=scale, seed=seed, methods=methods, evaluation=evaluation
+    )
 
 
 def _split_overrides(
@@ -143,9 +151,19 @@ class Runner:
         # an unreachable tracking store fails now, not after minutes of training
         self.tracker.experiment_id(plan.task.name)
         bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
-        return [self._run_method(method, plan, bundle) for method in plan.methods]
+        evaluation = plan.evaluation
+        evaluation.check(len(bundle.data.documents))
+        pool = None
+        if evaluation.lds:
+            # one pool per task, built before any method runs and shared by all of them
+            pool = build_pool(
+                bundle, "lds", models=evaluation.pool_models, fraction=evaluation.pool_fraction
+            )
+        return [self._run_method(method, plan, bundle, pool) for method in plan.methods]
 
-    def _run_method(self, method: Method, plan: RunPlan, bundle: Bundle) -> RunOutcome:
+    def _run_method(
+        self, method: Method, plan: RunPlan, bundle: Bundle, pool: SubsetPool | None
+    ) -> RunOutcome:
         name = f"{method.name}-{plan.task.name}-{plan.scale}-seed{plan.seed}"
         tags = {
             "method": method.name,
@@ -160,7 +178,7 @@ class Runner:
         try:
             with self.tracker.run(task=plan.task.name, name=name, tags=tags) as run:
                 run.log_params(_run_params(method, plan, bundle))
-                metrics = _evaluate(method, bundle, run)
+                metrics = _evaluate(method, bundle, run, plan.evaluation, pool)
         except Exception as error:  # recorded in MLflow; the next method still runs
             return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
         _logger.info(
@@ -186,7 +204,9 @@ def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, obje
     return params
 
 
-def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
+def _evaluate(
+    method: Method, bundle: Bundle, run, evaluation: Evaluation, pool: SubsetPool | None
+) -> dict[str, float]:
     queries = bundle.learned_queries
     task_metrics = {
         "queries_total": len(bundle.data.queries),
@@ -206,7 +226,11 @@ def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
         method.fit(bundle)
     with CostMeter() as score_cost:
         scores = np.asarray(method.score(bundle, queries), dtype=np.float64)
-    _check_scores(method, scores, (len(queries), len(bundle.data.documents)), queries)
+    shape = (len(queries), len(bundle.data.documents))
+    failed = _failed_queries(method, scores, shape)
+    if failed:
+        run.log_metrics({"failed_queries": failed})
+        _raise_not_finite(method, scores, queries, failed)
 
     index = {doc_id: i for i, doc_id in enumerate(bundle.data.document_ids)}
     relevant = [[index[doc_id] for doc_id in query.relevant] for query in queries]
@@ -216,29 +240,47 @@ def _evaluate(method: Method, bundle: Bundle, run) -> dict[str, float]:
         "fit_seconds": fit_cost.seconds,
         "score_seconds": score_cost.seconds,
         "peak_memory_mb": max(fit_cost.peak_memory_mb, score_cost.peak_memory_mb),
+        "failed_queries": 0,
     }
+    # each group is logged as soon as it exists: a crash later keeps it in the run
     run.log_metrics(metrics)
+    if pool is not None:
+        lds, per_query["lds"] = lds_metrics(method, scores, queries, pool, seed=bundle.seed)
+        run.log_metrics(lds)
+        metrics |= lds
     _log_artifacts(run, scores, queries, per_query, method, bundle.data.document_ids)
+    if evaluation.reliability:
+        reliability, tags = reliability_metrics(method, bundle, queries, scores)
+        run.log_metrics(reliability)
+        run.set_tags(tags)
+        metrics |= reliability
+    if evaluation.removal:
+        removal = removal_metrics(bundle, queries, scores, evaluation)
+        run.log_metrics(removal)
+        metrics |= removal
     return {**task_metrics, **metrics}
 
 
-def _check_scores(
-    method: Method, scores: np.ndarray, shape: tuple[int, int], queries: list[Query]
-) -> None:
+def _failed_queries(method: Method, scores: np.ndarray, shape: tuple[int, int]) -> int:
+    """Rows with a NaN or infinite score; a wrong shape is an error of its own."""
     if scores.shape != shape:
         raise ValueError(
             f"{method.name}.score must return shape {shape} "
             f"(queries × documents), but returned {scores.shape}"
         )
-    bad = (~np.isfinite(scores)).any(axis=1)
-    if bad.any():
-        first = int(np.argmax(bad))
-        column = int(np.argmax(~np.isfinite(scores[first])))
-        raise ScoresNotFiniteError(
-            f"{method.name} produced NaN or infinite scores for {int(bad.sum())} of {shape[0]} "
-            f"queries; the first is {queries[first].id!r} (prompt {queries[first].prompt!r}), "
-            f"score {scores[first, column]} for document {column}"
-        )
+    return int((~np.isfinite(scores)).any(axis=1).sum())
+
+
+def _raise_not_finite(
+    method: Method, scores: np.ndarray, queries: list[Query], failed: int
+) -> None:
+    first = int(np.argmax((~np.isfinite(scores)).any(axis=1)))
+    column = int(np.argmax(~np.isfinite(scores[first])))
+    raise ScoresNotFiniteError(
+        f"{method.name} produced NaN or infinite scores for {failed} of {len(queries)} "
+        f"queries; the first is {queries[first].id!r} (prompt {queries[first].prompt!r}), "
+        f"score {scores[first, column]} for document {column}"
+    )
 
 
 def _log_artifacts(

@@ -112,6 +112,19 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
             r"'projection' must be one of \['gaussian', 'rademacher'\]",
         ),
         (
+            ["--method", "bm25", "--task", "facts", "--pool-models", "2"],
+            "--pool-models must be at least 3",
+        ),
+        (
+            ["--method", "bm25", "--task", "facts", "--pool-fraction", "1.5"],
+            "--pool-fraction must lie strictly between 0 and 1, but got 1.5",
+        ),
+        (["--method", "bm25", "--task", "facts", "--workers", "0"], "0 is not in the range"),
+        (
+            ["--method", "bm25", "--task", "facts", "--removal-queries", "0"],
+            "--removal-queries must be at least 1",
+        ),
+        (
             ["--method", "bm25", "--task", "facts", "--param", "depth=3"],
             "unknown parameter 'depth'",
         ),
@@ -137,7 +150,8 @@ def test_bad_input_exits_2_with_a_clear_message_before_any_work(results_dir, arg
 
 
 def test_run_all_methods_then_leaderboard(results_dir, caplog):
-    result = _invoke(results_dir, "run", "--method", "all", "--task", "facts", "--scale", "tiny")
+    result = _invoke(results_dir, "run", "--method", "all", "--task", "facts", "--scale", "tiny",
+                     "--pool-models", "3", "--param", "datamodel.models=3")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "MRR [95% CI]" in result.output and "mlflow ui --backend-store-uri" in result.output
 
@@ -165,19 +179,31 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
         assert columns[0] == "doc-00000" and len(set(columns)) == 60
         per_query = pl.read_csv(f"{folder}/per_query.csv")
         assert per_query["reciprocal_rank"].mean() == pytest.approx(metrics["mrr"])
+        # counterfactual and reliability columns, on every method
+        assert metrics["lds_models"] == 3 and per_query["lds"].mean() == pytest.approx(
+            metrics["lds"]
+        )
+        assert metrics["lds_ci_low"] <= metrics["lds"] <= metrics["lds_ci_high"]
+        assert metrics["failed_queries"] == 0
+        for name in ("seed_stability", "model_seed_stability", "randomization_correlation"):
+            assert -1.0 <= metrics[name] <= 1.0
+        independent = run.data.tags["model_independent"] == "true"
+        assert independent == (run.data.tags["method"] in {"bm25", "random", "datamodel"})
 
     # a second run of one method reuses the cached model and is its own MLflow run
     caplog.clear()
     with caplog.at_level("INFO"):
         again = _invoke(
-            results_dir, "run", "--method", "bm25", "--task", "facts", "--scale", "tiny"
-        )
+            results_dir, "run", "--method", "bm25", "--task", "facts", "--scale", "tiny",
+            "--no-reliability", "--pool-models", "3",
+        )  # fmt: skip
     assert again.exit_code == 0
     assert "found existing model" in caplog.text and "training a" not in caplog.text
     assert len(client.search_runs([experiment.experiment_id])) == len(METHODS.names()) + 1
     # a memory-only parameter makes another run of the same configuration, not a new row
     chunked = _invoke(results_dir, "run", "--method", "grad_dot", "--task", "facts",
-                      "--scale", "tiny", "--param", "chunk_size=4")  # fmt: skip
+                      "--scale", "tiny", "--param", "chunk_size=4", "--no-reliability",
+                      "--pool-models", "3")  # fmt: skip
     assert chunked.exit_code == 0, chunked.output
 
     out = results_dir / "board.csv"
@@ -233,6 +259,8 @@ def test_the_tracking_uri_can_come_from_the_environment(results_dir, tmp_path, m
             "facts",
             "--scale",
             "tiny",
+            "--no-lds",
+            "--no-reliability",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -245,7 +273,7 @@ def test_store_options_are_accepted_after_the_subcommand_too(tmp_path):
     results = tmp_path / "after"
     result = CliRunner().invoke(
         main, ["run", "--method", "random", "--task", "facts", "--scale", "tiny",
-               "--results-dir", str(results)],
+               "--results-dir", str(results), "--no-lds", "--no-reliability"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (results / "mlflow.db").is_file()

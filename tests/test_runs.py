@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from harness.evaluation import Evaluation
 from harness.leaderboard import build_leaderboard, collect_runs
 from harness.method import Method
 from harness.runner import Runner, RunPlan
@@ -55,6 +56,7 @@ def test_failed_runs_are_marked_and_never_ranked(results_dir):
         scale="tiny",
         seed=0,
         methods=(RandomScores(), NaNScores(), Exploding(), WrongShape()),
+        evaluation=Evaluation(lds=False, reliability=False),
     )
     outcomes = {o.method: o for o in runner.execute(plan)}
 
@@ -75,6 +77,8 @@ def test_failed_runs_are_marked_and_never_ranked(results_dir):
         status["nan_scores"][0] == "FAILED" and "ScoresNotFiniteError" in status["nan_scores"][1]
     )
     assert status["exploding"] == ("FAILED", "RuntimeError: out of cheese")
+    failed_queries = {r.data.tags["method"]: r.data.metrics.get("failed_queries") for r in runs}
+    assert failed_queries["nan_scores"] == 1 and failed_queries["random"] == 0
     exploding = next(r for r in runs if r.data.tags["method"] == "exploding")
     traceback_text = client.download_artifacts(exploding.info.run_id, "error.txt")
     assert "in fit" in Path(traceback_text).read_text()  # the traceback, not just the message
@@ -92,7 +96,13 @@ class Interrupted(Method):
 
 def test_an_interrupt_stops_the_run_marks_it_failed_and_keeps_earlier_runs(results_dir):
     runner = Runner(results_dir)
-    plan = RunPlan(task=FactsTask(), scale="tiny", seed=0, methods=(RandomScores(), Interrupted()))
+    plan = RunPlan(
+        task=FactsTask(),
+        scale="tiny",
+        seed=0,
+        methods=(RandomScores(), Interrupted()),
+        evaluation=Evaluation(lds=False, reliability=False),
+    )
     with pytest.raises(KeyboardInterrupt):
         runner.execute(plan)
     client = MlflowClient(tracking_uri=runner.tracker.uri)
