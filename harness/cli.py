@@ -485,11 +485,13 @@ def _check_writable(out: Path) -> None:
 
 
 def entry_point() -> None:
-    """The ``harness`` console script: the CLI, with SIGTERM unwinding like Ctrl-C.
+    """The ``harness`` console script: the CLI, with SIGTERM and Ctrl-C unwinding.
 
-    Unwinding lets the run in progress be marked FAILED instead of left RUNNING.
-    The handler is installed here, not in :func:`main`, so that calling the CLI
-    in-process (tests, notebooks) leaves the caller's signal handling alone.
+    Unwinding lets the run in progress be marked FAILED instead of left RUNNING,
+    and the exit status is the shell's for the signal (130 for Ctrl-C, 143 for
+    SIGTERM). The handlers are installed here, not in :func:`main`, so that calling
+    the CLI in-process (tests, notebooks) leaves the caller's signal handling alone.
     """
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
     main()

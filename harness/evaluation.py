@@ -3,9 +3,12 @@
 - **LDS** against the task's shared subset-retrain pool (:mod:`harness.retrain`).
 - **Top-k removal** (opt-in, it retrains per query): for a sample of queries,
   retrain without the query's k highest-scored documents and, separately,
-  without k random ones; the mean drop of the target's log-probability for each,
-  and their difference. Removal retrains start from the reference model's own
-  seed, so each drop is a paired comparison with the reference model.
+  without k random ones; the mean drop of the target's log-probability from the
+  reference model's for each, and their difference. Removal retrains use the
+  reference model's seed and, like every retrain, the recipe's epochs, so a
+  model without k documents takes k/n fewer steps. Each drop therefore holds a
+  small common part from those fewer steps; their difference,
+  ``removal_effect_at_k``, compares like with like and is the figure to read.
 - **Reliability**: rank stability across method seeds and model-training seeds,
   and the model-randomisation sanity check (scores recomputed on re-initialised
   weights should not resemble the trained model's; a method whose scores do not
@@ -19,12 +22,14 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+import harness
 from harness.bundle import Bundle
-from harness.cache import content_key
+from harness.cache import code_fingerprint, content_key
 from harness.data import Query
 from harness.errors import ParameterError
 from harness.executor import default_executor
@@ -59,8 +64,12 @@ class Evaluation:
     removal_ks: tuple[int, ...] = REMOVAL_KS
 
     def check(self, n_documents: int | None = None) -> None:
-        """Refuse settings that cannot work, naming the valid range; before any training."""
-        if self.pool_models < 3:
+        """Refuse settings that cannot work, naming the valid range.
+
+        Called before anything is built and again, with the task's number of
+        documents, before any retraining.
+        """
+        if self.lds and self.pool_models < 3:
             raise ParameterError(
                 f"--pool-models must be at least 3 (LDS ranks models), but got {self.pool_models}"
             )
@@ -132,6 +141,7 @@ def reliability_metrics(
         ),
     }
     model_independent = metrics["randomization_correlation"] > MODEL_INDEPENDENT_ABOVE
+    metrics["model_independent"] = float(model_independent)
     if model_independent:
         _logger.info(
             "%s gives the same ranking on a re-initialised model: it does not use the model",
@@ -198,19 +208,25 @@ def _reference_logprobs(bundle: Bundle) -> dict[str, float]:
 
 def _removal_retrains(bundle: Bundle, removals: list[np.ndarray]) -> list[dict[str, float]]:
     """Target log-probabilities of models trained without each removal set; cached per set."""
-    assert bundle.cache is not None
+    if bundle.cache is None:
+        raise ValueError("this bundle has no cache to keep removal retrains in")
     folder = bundle.cache.root / "removals"
     folder.mkdir(parents=True, exist_ok=True)
     n_documents = len(bundle.data.documents)
+    code = code_fingerprint(
+        Path(harness.__file__).with_name(f) for f in ("retrain.py", "training.py", "model.py")
+    )
     keys = [
-        content_key({"setup": bundle.setup_key, "seed": bundle.seed, "removed": r.tolist()})
+        content_key(
+            {"setup": bundle.setup_key, "seed": bundle.seed, "removed": r.tolist(), "code": code}
+        )
         for r in removals
     ]
     missing = {key: removed for key, removed in zip(keys, removals, strict=True)}
     missing = {key: removed for key, removed in missing.items() if not (folder / key).is_file()}
     if missing:
         _logger.info(
-            "top-k removal: %d retrains on the full recipe (%d already stored)",
+            "top-k removal: %d retrains on all but k documents (%d already stored)",
             len(missing), len(set(keys)) - len(missing),
         )  # fmt: skip
         jobs = []

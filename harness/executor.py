@@ -33,10 +33,16 @@ Result = TypeVar("Result")
 THREADS_PER_WORKER = 2
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine_workers() -> int:
     """Workers that fit this machine: one per ``THREADS_PER_WORKER`` usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // THREADS_PER_WORKER)
+    return max(1, usable_cores() // THREADS_PER_WORKER)
 
 
 class Executor(abc.ABC):
@@ -65,8 +71,10 @@ class ProcessExecutor(Executor):
     """A local pool of spawned processes, the cores split evenly between them.
 
     ``function`` and jobs must be picklable (module-level functions, plain data
-    and tensors). A failed job raises here, after the jobs already finished have
-    been yielded, so their results can be kept.
+    and tensors). When a job fails, jobs not yet started are cancelled, those
+    running are waited for and yielded like every finished one, so that their
+    results can be kept, and then the first error is raised. When the caller
+    stops (an interrupt, or an error of its own), nothing is waited for.
     """
 
     def __init__(self, workers: int) -> None:
@@ -75,22 +83,34 @@ class ProcessExecutor(Executor):
         self.workers = workers
 
     def run(self, function, jobs):
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // self.workers)
-        with concurrent.futures.ProcessPoolExecutor(
+        threads = max(1, usable_cores() // self.workers)
+        pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
             initargs=(threads,),
-        ) as pool:
+        )
+        finished = False
+        try:
             futures = {pool.submit(function, job): job for job in jobs}
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    yield futures[future], future.result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
+            error: BaseException | None = None
+            for future in concurrent.futures.as_completed(futures):
+                if future.cancelled():
+                    continue
+                if future.exception() is not None:
+                    if error is None:
+                        error = future.exception()
+                        _logger.error("a job failed; cancelling the jobs not yet started")
+                        for pending in futures:
+                            pending.cancel()
+                    continue
+                yield futures[future], future.result()
+            finished = True
+            if error is not None:
+                raise error
+        finally:
+            # a caller that stopped early should not wait for jobs it will never read
+            pool.shutdown(wait=finished, cancel_futures=True)
 
 
 def _start_worker(threads: int) -> None:

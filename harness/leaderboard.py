@@ -1,15 +1,18 @@
 """Collect finished MLflow runs into a polars table and rank methods per task.
 
 Only FINISHED runs are read: a failed run (an error, or NaN scores) is never
-ranked. A row is one configuration: a method with its parameters, on a task at
-a scale with its task settings and model recipe (``setup``, a hash of both).
+ranked (its ``failed_queries`` count stays in its MLflow run). A row is one
+configuration: a method with its parameters, on a task at a scale with its task
+settings and model recipe (``setup``, a hash of both).
 Parameters that change only memory use (declared ``memory_only=True``) do not split
 rows. Runs of a configuration with different seeds are pooled, and a repeated
-run of the same seed counts once, its latest run.
+run of the same seed counts once: each metric from the latest run that has it,
+so a later run with LDS or reliability switched off keeps the earlier figures.
 
-Intervals: with one seed, a metric's ``_ci_low``/``_ci_high`` are the run's own
-bootstrap interval over queries; with several seeds they are a Student-t 95%
-interval of the mean over seeds. ``ci_basis`` says which.
+Intervals: with one seed (for that metric), a metric's ``_ci_low``/``_ci_high``
+are the run's own bootstrap interval over queries; with several seeds they are a
+Student-t 95% interval of the mean over the seeds that have the metric.
+``ci_basis`` says which. ``lds_models`` is the size of the pool behind ``lds``.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ REMOVAL = [
     f"removal_{kind}_at_{k}" for k in REMOVAL_KS for kind in ("drop", "random_drop", "effect")
 ]
 RELIABILITY = [
-    "seed_stability", "model_seed_stability", "randomization_correlation", "failed_queries",
+    "seed_stability", "model_seed_stability", "randomization_correlation", "model_independent",
+    "failed_queries",
 ]  # fmt: skip
 COST = ["fit_seconds", "score_seconds", "peak_memory_mb", "reliability_seconds"]
 CONTEXT = ["queries_scored", "learned_fraction", "learned_fraction_untrained", "heldout_loss"]
-METRICS = FIDELITY + INTERVALS + REMOVAL + RELIABILITY + COST + CONTEXT
+POOL = ["lds_models"]  # retrained models behind the LDS figure
+METRICS = FIDELITY + INTERVALS + POOL + REMOVAL + RELIABILITY + COST + CONTEXT
 CONFIGURATION = ["task", "scale", "setup", "method", "params"]
 RANK_BY = "mrr"
 
@@ -110,26 +115,25 @@ def _memory_only_params(method: str | None) -> set[str]:
 
 def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     """One row per configuration, ranked by MRR within each task and scale."""
-    latest = runs.sort("start_time").unique([*CONFIGURATION, "seed"], keep="last")
+    # per (configuration, seed), each metric from the latest run that has it: a later
+    # run with LDS or reliability switched off does not erase the earlier figures
+    latest = (
+        runs.sort("start_time")
+        .group_by([*CONFIGURATION, "seed"], maintain_order=True)
+        .agg(*[pl.col(m).drop_nulls().last() for m in METRICS])
+    )
     table = latest.group_by(CONFIGURATION).agg(
         pl.len().cast(pl.Int64).alias("n_runs"),
         pl.col("seed").sort().cast(pl.String).str.join(" ").alias("seeds"),
-        *[pl.col(m).mean() for m in FIDELITY + REMOVAL + RELIABILITY + COST + CONTEXT],
+        *[pl.col(m).mean() for m in FIDELITY + POOL + REMOVAL + RELIABILITY + COST + CONTEXT],
         *[pl.col(m).std().alias(f"{m}_std") for m in FIDELITY],
-        *[pl.col(m).first().alias(f"{m}_single") for m in INTERVALS],
+        *[pl.col(m).count().alias(f"{m}_n") for m in FIDELITY],
+        *[pl.col(m).drop_nulls().first().alias(f"{m}_single") for m in INTERVALS],
     )
-    t = pl.col("n_runs").map_elements(_t_quantile, return_dtype=pl.Float64)
     one_seed = pl.col("n_runs") == 1
     table = table.with_columns(
         pl.when(one_seed).then(pl.lit("queries")).otherwise(pl.lit("seeds")).alias("ci_basis"),
-        *[
-            pl.when(one_seed)
-            .then(pl.col(f"{m}{side}_single"))
-            .otherwise(pl.col(m) + sign * t * pl.col(f"{m}_std") / pl.col("n_runs").sqrt())
-            .alias(f"{m}{side}")
-            for m in FIDELITY
-            for side, sign in (("_ci_low", -1), ("_ci_high", 1))
-        ],
+        *[_interval(m, side, sign) for m in FIDELITY for side, sign in SIDES],
     )
     # NaN and missing values rank last, never first
     key = pl.when(pl.col(RANK_BY).is_nan()).then(None).otherwise(pl.col(RANK_BY))
@@ -139,8 +143,24 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     ordered = ["task", "scale", "setup", "rank", "method", "params", "n_runs", "seeds"]
     ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
-    ordered += REMOVAL + RELIABILITY + COST + CONTEXT
+    ordered += POOL + REMOVAL + RELIABILITY + COST + CONTEXT
     return table.select(ordered).sort("task", "scale", "setup", "rank", "method", nulls_last=True)
+
+
+SIDES = (("_ci_low", -1), ("_ci_high", 1))
+
+
+def _interval(metric: str, side: str, sign: int) -> pl.Expr:
+    """One seed with the metric: its run's own interval; several: Student-t over them."""
+    n = pl.col(f"{metric}_n")
+    t = n.map_elements(_t_quantile, return_dtype=pl.Float64)
+    spread = sign * t * pl.col(f"{metric}_std") / n.cast(pl.Float64).sqrt()
+    return (
+        pl.when(n <= 1)
+        .then(pl.col(f"{metric}{side}_single"))
+        .otherwise(pl.col(metric) + spread)
+        .alias(f"{metric}{side}")
+    )
 
 
 def _t_quantile(n: int) -> float:

@@ -201,6 +201,13 @@ def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, obje
     params |= {f"method.{k}": v for k, v in method.params.to_dict().items()}
     params |= {f"model.{k}": v for k, v in bundle.recipe.to_dict().items()}
     params |= {f"task.{k}": v for k, v in plan.task.scale(plan.scale).config.to_dict().items()}
+    evaluation = plan.evaluation
+    if evaluation.lds:
+        params |= {"lds.pool_models": evaluation.pool_models}
+        params |= {"lds.pool_fraction": evaluation.pool_fraction}
+    if evaluation.removal:
+        params |= {"removal.queries": evaluation.removal_queries}
+        params |= {"removal.ks": ",".join(map(str, evaluation.removal_ks))}
     return params
 
 

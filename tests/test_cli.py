@@ -291,21 +291,25 @@ def test_an_unwritable_leaderboard_path_is_a_usage_error(results_dir, tmp_path):
     assert "is not a writable folder" in result.output
 
 
-def test_the_console_script_turns_sigterm_into_an_unwinding_exit(monkeypatch):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_the_console_script_turns_a_signal_into_an_unwinding_exit(monkeypatch, name):
     import os
     import signal
 
     import harness.cli
 
-    def terminated_main():
-        os.kill(os.getpid(), signal.SIGTERM)
+    signum = getattr(signal, name)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    def terminated_main():
+        os.kill(os.getpid(), signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     monkeypatch.setattr(harness.cli, "main", terminated_main)
     try:
         with pytest.raises(SystemExit) as exit_info:
             harness.cli.entry_point()
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert exit_info.value.code == 128 + signal.SIGTERM
-    assert str(exit_info.value) == "terminated by SIGTERM"  # what a failed run's tag says
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert exit_info.value.code == 128 + signum  # 143 and 130, as a shell reports them
+    assert str(exit_info.value) == f"terminated by {name}"  # what a failed run's tag says

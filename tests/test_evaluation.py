@@ -110,4 +110,4 @@ def test_removing_the_documents_that_state_a_fact_costs_more_than_removing_rando
     caplog.clear()
     with caplog.at_level("INFO"):
         again = removal_metrics(bundle, queries, oracle, evaluation)
-    assert again == metrics and "retrains on the full recipe" not in caplog.text  # cached
+    assert again == metrics and "retrains on all but k documents" not in caplog.text  # cached

@@ -89,3 +89,18 @@ def test_only_memory_knobs_are_left_out_of_a_configuration():
     for name in ("grad_dot", "grad_cos", "tracin", "trak", "logra", "datainf", "ekfac"):
         assert _memory_only_params(name) == {"chunk_size"}, name
     assert _memory_only_params("bm25") == set()
+
+
+def test_a_later_run_without_lds_keeps_the_earlier_lds_and_intervals_count_only_runs_with_it():
+    with_lds = _run("trak", 0, 0.4, start=1)
+    with_lds.update({"lds": 0.3, "lds_ci_low": 0.2, "lds_ci_high": 0.4, "lds_models": 30})
+    without = _run("trak", 0, 0.41, start=2)  # the same seed again, LDS switched off
+    without.update({"lds": None, "lds_ci_low": None, "lds_ci_high": None, "lds_models": None})
+    other_seed = _run("trak", 1, 0.5, start=3)
+    other_seed.update({"lds": None, "lds_ci_low": None, "lds_ci_high": None, "lds_models": None})
+    board = build_leaderboard(pl.DataFrame([with_lds, without, other_seed]))
+    row = board.row(0, named=True)
+    assert row["n_runs"] == 2 and row["mrr"] == pytest.approx((0.41 + 0.5) / 2)
+    # only seed 0 has LDS: its own bootstrap interval, not a t-interval over two seeds
+    assert (row["lds"], row["lds_ci_low"], row["lds_ci_high"]) == (0.3, 0.2, 0.4)
+    assert row["lds_models"] == 30

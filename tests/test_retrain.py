@@ -103,3 +103,18 @@ def test_a_process_pool_trains_the_same_models(bundle):
 def test_bad_pool_settings_are_refused(bundle, models, fraction, message):
     with pytest.raises(ValueError, match=message):
         build_pool(bundle, "lds", models=models, fraction=fraction, executor=CountingExecutor())
+
+
+def _square_unless_three(x: int) -> int:
+    if x == 3:
+        raise ArithmeticError("three is not allowed")
+    return x * x
+
+
+def test_a_failed_job_keeps_every_finished_result_then_raises():
+    executor = ProcessExecutor(2)
+    results = {}
+    with pytest.raises(ArithmeticError, match="three is not allowed"):
+        for job, result in executor.run(_square_unless_three, [1, 2, 3]):
+            results[job] = result
+    assert results == {1: 1, 2: 4}  # both finished jobs reached the caller before the error
