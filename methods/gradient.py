@@ -30,7 +30,8 @@ class FeatureParams(Params):
 
     layers: str = param(
         "*",
-        help="comma-separated globs over parameter names, e.g. 'blocks.*' ('*' = all)",
+        help="comma-separated globs over parameter names, e.g. 'blocks.*' ('*' = all); "
+        "with projection=kronecker they select linear layers only",
         tune=False,
     )
     projection: str = param(
