@@ -20,20 +20,14 @@ import polars as pl
 
 from harness.bundle import prepare_bundle
 from harness.cache import Cache
-from harness.executor import Executor
+from harness.executor import RefusingExecutor
 from harness.leaderboard import collect_runs
 from harness.metrics import lds_per_query
 from harness.retrain import build_pool
 from harness.task import TASKS
 from harness.tracking import open_client, tracking_uri
 
-
-class NoTraining(Executor):
-    workers = 1
-
-    def run(self, function, jobs):
-        missing = [job.index for job in jobs]
-        raise SystemExit(f"the pool lacks models {missing[:5]}...; run `harness run` first")
+NO_TRAINING = RefusingExecutor("run `harness run` first to build the pools")
 
 
 def main() -> None:
@@ -52,7 +46,7 @@ def main() -> None:
     scale = args.scale or task.default_scale
     bundle = prepare_bundle(task, scale, seed=args.seed, cache=Cache(args.results_dir / "cache"))
     pool = build_pool(
-        bundle, "lds", models=args.pool_models, fraction=args.pool_fraction, executor=NoTraining()
+        bundle, "lds", models=args.pool_models, fraction=args.pool_fraction, executor=NO_TRAINING
     )
     uri = tracking_uri(args.results_dir)
     runs = (

@@ -138,3 +138,18 @@ def default_executor() -> Executor:
 def describe(executor: Executor) -> str:
     kind = "in this process" if isinstance(executor, InlineExecutor) else "in local processes"
     return f"{executor.workers} worker{'s' if executor.workers != 1 else ''} {kind}"
+
+
+class RefusingExecutor(Executor):
+    """For read-only tools: any job means a cache lacks something, and that is an error."""
+
+    workers = 1
+
+    def __init__(self, advice: str) -> None:
+        self.advice = advice
+
+    def run(self, function, jobs):
+        pending = list(jobs)
+        if pending:
+            raise RuntimeError(f"{len(pending)} jobs would have to run; {self.advice}")
+        yield from ()

@@ -111,3 +111,27 @@ def test_removing_the_documents_that_state_a_fact_costs_more_than_removing_rando
     with caplog.at_level("INFO"):
         again = removal_metrics(bundle, queries, oracle, evaluation)
     assert again == metrics and "retrains on all but k documents" not in caplog.text  # cached
+
+
+def test_replicas_of_derived_bundles_are_new_models_of_the_same_kind(tiny_bundle, tmp_path):
+    import torch
+
+    bundle = dataclasses.replace(tiny_bundle, cache=Cache(tmp_path / "cache"))
+    name = "blocks.0.attention.qkv.weight"
+    second = bundle.replica(1).replica(1)  # numbering continues: the reference's replica 2
+    assert second.replica_index == 2 and second.model_key == bundle.replica(2).model_key
+    assert not torch.equal(
+        second.checkpoints[-1].state[name], bundle.replica(1).checkpoints[-1].state[name]
+    )
+
+    state = torch.get_rng_state()
+    randomized = bundle.randomized(0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    member = randomized.replica(1)  # a randomised bundle's replica is randomised too
+    assert member.randomization == 0 and member.model_key != randomized.model_key
+    trained_replica = bundle.replica(1).checkpoints[-1].state[name]
+    for weights in (member.checkpoints[-1].state[name], randomized.checkpoints[-1].state[name]):
+        assert not torch.equal(weights, trained_replica)
+    assert not torch.equal(
+        member.checkpoints[0].state[name], randomized.checkpoints[0].state[name]
+    )

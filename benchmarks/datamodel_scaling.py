@@ -1,0 +1,76 @@
+"""How datamodels improve with the number of retrained models they learn from.
+
+Fits the ``datamodel`` method on the first m models of its own pool, for
+several m, and scores each fit like a run: LDS against the task's LDS pool and
+MRR against the planted ground truth. Trains nothing: both pools must already
+hold the models (run ``harness run --method datamodel`` first).
+
+    python benchmarks/datamodel_scaling.py --task facts --models 32
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from harness.bundle import prepare_bundle
+from harness.cache import Cache
+from harness.executor import RefusingExecutor
+from harness.metrics import lds_per_query, query_metrics
+from harness.retrain import build_pool, ensure_disjoint
+from harness.task import TASKS
+from methods.datamodel import fit_datamodels
+
+NO_TRAINING = RefusingExecutor("run `harness run` first to build the pools")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="facts")
+    parser.add_argument("--scale", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", type=int, default=32, help="size of the datamodel pool")
+    parser.add_argument("--pool-models", type=int, default=30, help="size of the LDS pool")
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--sizes", default="4,8,16,32")
+    parser.add_argument("--estimator", default="ridge", choices=("ridge", "lasso"))
+    parser.add_argument("--regularization", type=float, default=0.1)
+    parser.add_argument("--results-dir", type=Path, default=Path("results"))
+    args = parser.parse_args()
+
+    task = TASKS.get(args.task)()
+    scale = args.scale or task.default_scale
+    bundle = prepare_bundle(task, scale, seed=args.seed, cache=Cache(args.results_dir / "cache"))
+    learn = build_pool(
+        bundle, "datamodel", models=args.models, fraction=args.fraction, executor=NO_TRAINING
+    )
+    evaluate = build_pool(
+        bundle, "lds", models=args.pool_models, fraction=args.fraction, executor=NO_TRAINING
+    )
+    ensure_disjoint(learn, evaluate)
+    queries = bundle.learned_queries
+    ids = [q.id for q in queries]
+    index = {doc_id: i for i, doc_id in enumerate(bundle.data.document_ids)}
+    relevant = [[index[d] for d in q.relevant] for q in queries]
+    print(
+        f"datamodels ({args.estimator}, λ = {args.regularization}) fitted on m of "
+        f"{len(learn)} retrains, {args.task}/{scale}, LDS against the {len(evaluate)}-model pool"
+    )
+    print("| m | LDS | MRR |")
+    print("|---|---|---|")
+    for m in [int(s) for s in args.sizes.split(",") if int(s) <= len(learn)]:
+        scores = fit_datamodels(
+            learn.masks[:m].astype(np.float64),
+            learn.targets(ids)[:m],
+            estimator=args.estimator,
+            strength=args.regularization,
+        )
+        lds = lds_per_query(scores, evaluate.masks, evaluate.targets(ids)).mean()
+        mrr = query_metrics(scores, relevant, seed=args.seed)["reciprocal_rank"].mean()
+        print(f"| {m} | {lds:.3f} | {mrr:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
