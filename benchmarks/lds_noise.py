@@ -1,10 +1,10 @@
 """How LDS noise shrinks with the number of retrained models in the pool.
 
 Reads the latest finished run of each method on a task (its stored scores)
-and the task's LDS pool, then recomputes every method's LDS on random subsets
-of m pool models, for several m. The spread over subsets is the noise a pool of
-m models leaves in the figure. Trains nothing: the pool must already hold the
-models (run ``harness run`` first).
+and the task's LDS pool, then recomputes every method's LDS on m pool models
+drawn with replacement (a bootstrap over models), for several m. The spread
+over draws estimates the noise a pool of m models leaves in the figure. Trains
+nothing: the pool must already hold the models (run ``harness run`` first).
 
     python benchmarks/lds_noise.py --task facts --pool-models 30
 """
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--pool-models", type=int, default=30)
     parser.add_argument("--pool-fraction", type=float, default=0.5)
     parser.add_argument("--sizes", default="5,10,15,20,30", help="pool sizes m to compare")
-    parser.add_argument("--draws", type=int, default=200, help="random subsets per size")
+    parser.add_argument("--draws", type=int, default=200, help="bootstrap draws per size")
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
 
@@ -63,12 +63,11 @@ def main() -> None:
     client = open_client(uri)
     sizes = [int(s) for s in args.sizes.split(",") if int(s) <= len(pool)]
     rng = np.random.default_rng(0)
-    draws = {
-        m: [rng.choice(len(pool), m, replace=False) for _ in range(args.draws)] for m in sizes
-    }
+    draws = {m: [rng.choice(len(pool), m, replace=True) for _ in range(args.draws)] for m in sizes}
     print(
         f"LDS of each method's latest {args.task}/{scale} run against m of the "
-        f"{len(pool)} pool models: mean ± standard deviation over {args.draws} random subsets"
+        f"{len(pool)} pool models: mean ± standard deviation over {args.draws} bootstrap "
+        "draws of m models"
     )
     print("| method | " + " | ".join(f"m = {m}" for m in sizes) + " |")
     print("|---|" + "---|" * len(sizes))

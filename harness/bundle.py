@@ -54,6 +54,7 @@ class Bundle:
     replica_index: int = 0  # 0: the reference model; k: the k-th independent retrain
     # the reference model's key, kept by replicas and variants: what retrain pools hang off
     setup_key: str = ""
+    randomization: int | None = None  # set on re-initialised variants (and their replicas)
 
     def __post_init__(self) -> None:
         self.setup_key = self.setup_key or self.model_key
@@ -77,18 +78,24 @@ class Bundle:
 
         Replicas use the same data, tokenizer and recipe, are trained on first use
         and cached like the reference model. Ensembles over models (TRAK) use them.
+        Numbering continues from a replica (replica k's i-th replica is the
+        reference's replica k + i), and a randomised bundle's replicas are
+        randomised too, so a check run on either never mixes in other models.
         """
         if index == 0:
             return self
         if index < 0:
             raise ValueError(f"replica index must be non-negative, but got {index}")
+        target = self.replica_index + index
+        if self.randomization is not None:
+            return self._with_random_weights(self.randomization, member=target)
         if self.cache is None:
             raise ValueError("this bundle has no cache to train replicas into")
-        key = content_key({"reference": self.model_key, "replica": index})
+        key = content_key({"reference": self.setup_key, "replica": target})
         if self.cache.has("models", key):
-            _logger.info("found existing replica %d (%s) of model %s", index, key, self.model_key)
+            _logger.info("found existing replica %d (%s) of model %s", target, key, self.setup_key)
         else:
-            _logger.info("training replica %d of model %s", index, self.model_key)
+            _logger.info("training replica %d of model %s", target, self.setup_key)
             result = train(
                 self.model_config,
                 self.documents,
@@ -96,16 +103,18 @@ class Bundle:
                     list(self.data.heldout_texts), self.tokenizer, context=self.recipe.context
                 ),
                 self.recipe,
-                seed=_replica_seed(self.seed, index),
+                seed=_replica_seed(self.seed, target),
             )
-            _store_model(self.cache, key, result, {"replica_of": self.model_key, "replica": index})
+            _store_model(
+                self.cache, key, result, {"replica_of": self.setup_key, "replica": target}
+            )
         manifest = self.cache.manifest("models", key)
         return dataclasses.replace(
             self,
             checkpoints=_load_checkpoints(self.cache.path("models", key), manifest),
             heldout_loss=manifest["heldout_loss"],
             model_key=key,
-            replica_index=index,
+            replica_index=target,
         )
 
     def randomized(self, seed: int) -> Bundle:
@@ -114,20 +123,33 @@ class Bundle:
         For the model-randomisation sanity check (Adebayo et al., 2018): scores
         that survive it do not depend on what the model learned.
         """
-        torch.manual_seed(_randomized_seed(self.seed, seed))
-        weights = GPT(self.model_config).weights()
+        return self._with_random_weights(seed, member=0)
+
+    def _with_random_weights(self, variant: int, *, member: int) -> Bundle:
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
+            torch.manual_seed(_randomized_seed(self.seed, variant, member))
+            weights = GPT(self.model_config).weights()
         return dataclasses.replace(
             self,
             checkpoints=[
                 Checkpoint(c.step, c.learning_rate, {k: v.clone() for k, v in weights.items()})
                 for c in self.checkpoints
             ],
-            model_key=content_key({"reference": self.model_key, "randomized": seed}),
+            model_key=content_key(
+                {"reference": self.setup_key, "randomized": variant, "member": member}
+            ),
+            replica_index=member,
+            randomization=variant,
         )
 
     @property
     def learned_queries(self) -> list[Query]:
         return [q for q in self.data.queries if self.learned[q.id]]
+
+
+def prepare_task_data(task: Task, scale: str, *, seed: int, cache: Cache) -> TaskData:
+    """The task's data alone (built or loaded; seconds): enough to check settings against."""
+    return _task_data(task, scale, task.scale(scale).config, seed=seed, cache=cache)[0]
 
 
 def prepare_bundle(task: Task, scale: str, *, seed: int, cache: Cache) -> Bundle:
@@ -289,8 +311,8 @@ def _load_checkpoints(folder: Path, manifest: dict) -> list[Checkpoint]:
     ]
 
 
-def _randomized_seed(seed: int, variant: int) -> int:
-    return 999_999_937 * (variant + 1) + seed
+def _randomized_seed(seed: int, variant: int, member: int) -> int:
+    return 999_999_937 * (variant + 1) + 7_919 * member + seed
 
 
 def _replica_seed(seed: int, index: int) -> int:

@@ -17,7 +17,7 @@ import click
 import polars as pl
 
 from harness import bench, executor
-from harness.errors import HarnessError
+from harness.errors import HarnessError, ParameterError
 from harness.evaluation import Evaluation
 from harness.leaderboard import write_leaderboard
 from harness.method import METHODS
@@ -257,7 +257,10 @@ def run(
     except (HarnessError, ValueError, TypeError) as error:
         raise click.UsageError(str(error)) from None
 
-    outcomes = runner.execute(plan)
+    try:
+        outcomes = runner.execute(plan)
+    except ParameterError as error:  # settings that needed the task's data to check
+        raise click.UsageError(str(error)) from None
     _print_summary(outcomes, plan.task.name, plan.scale)
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
     mlflow = Path(sys.executable).with_name("mlflow")

@@ -85,7 +85,15 @@ class Evaluation:
             raise ParameterError(
                 f"removal sizes k must be positive integers, but got {list(self.removal_ks)}"
             )
-        if n_documents is not None and self.removal and max(self.removal_ks) >= n_documents:
+        if n_documents is None:
+            return
+        kept = round(self.pool_fraction * n_documents)
+        if self.lds and not 0 < kept < n_documents:
+            raise ParameterError(
+                f"--pool-fraction {self.pool_fraction} of the task's {n_documents} documents "
+                f"keeps {kept}; each pool model must keep some documents and leave some out"
+            )
+        if self.removal and max(self.removal_ks) >= n_documents:
             raise ParameterError(
                 f"removal size {max(self.removal_ks)} must be below the task's "
                 f"{n_documents} documents"

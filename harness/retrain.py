@@ -2,7 +2,7 @@
 
 A *pool* is M models, each trained with the task's recipe on its own random
 α-subset of the documents, with each model's log-probability of every query's
-target. LDS (:mod:`harness.lds`) compares methods against one pool; datamodels
+target. LDS (:mod:`harness.evaluation`) compares methods against one pool; datamodels
 learn from another. Pools are cached per (task data, recipe, purpose, α, seed)
 and grow model by model: each finished model is written on its own, atomically,
 so an interrupted build resumes where it stopped and a larger pool reuses the
@@ -188,7 +188,7 @@ def build_pool(
         folder / "pool.json",
         {"purpose": purpose, "fraction": fraction, "setup": bundle.setup_key, "seed": bundle.seed},
     )
-    done = {i: _read_model(folder, i) for i in range(models) if _model_path(folder, i).is_file()}
+    done = {i: record for i in range(models) if (record := _read_model(folder, i)) is not None}
     missing = [i for i in range(models) if i not in done]
     if missing:
         executor = executor or default_executor()
@@ -278,8 +278,18 @@ def _model_path(folder: Path, index: int) -> Path:
     return folder / f"model-{index:05d}.json"
 
 
-def _read_model(folder: Path, index: int) -> dict:
-    return json.loads(_model_path(folder, index).read_text())
+def _read_model(folder: Path, index: int) -> dict | None:
+    """A stored model's record; None when absent or unreadable (it is then trained again)."""
+    path = _model_path(folder, index)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        _logger.warning(
+            "retraining pool model %d: its record %s is unreadable (%s)", index, path, error
+        )
+        return None
 
 
 def write_atomically(path: Path, content: dict) -> None:
@@ -288,6 +298,8 @@ def write_atomically(path: Path, content: dict) -> None:
     try:
         with os.fdopen(handle, "w") as file:
             json.dump(content, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename makes it visible
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from harness.bundle import Bundle, prepare_bundle
+from harness.bundle import Bundle, prepare_bundle, prepare_task_data
 from harness.cache import Cache
 from harness.data import Query
 from harness.errors import ParameterError, ScoresNotFiniteError, UnknownNameError
@@ -150,9 +150,11 @@ class Runner:
     def execute(self, plan: RunPlan) -> list[RunOutcome]:
         # an unreachable tracking store fails now, not after minutes of training
         self.tracker.experiment_id(plan.task.name)
-        bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
+        # settings that depend on the number of documents are checked before training
+        data = prepare_task_data(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
         evaluation = plan.evaluation
-        evaluation.check(len(bundle.data.documents))
+        evaluation.check(len(data.documents))
+        bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
         pool = None
         if evaluation.lds:
             # one pool per task, built before any method runs and shared by all of them

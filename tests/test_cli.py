@@ -44,7 +44,7 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
         (["--method", "bm52", "--task", "facts"], "unknown method 'bm52'"),
         (
             ["--method", "bm25,nope", "--task", "facts"],
-            "valid choices: bm25, datainf, ekfac, grad_cos",
+            "valid choices: bm25, datainf, datamodel, ekfac, grad_cos",
         ),
         (["--method", "bm25", "--task", "fcts"], "Did you mean 'facts'"),
         (
@@ -313,3 +313,14 @@ def test_the_console_script_turns_a_signal_into_an_unwinding_exit(monkeypatch, n
             signal.signal(s, handler)
     assert exit_info.value.code == 128 + signum  # 143 and 130, as a shell reports them
     assert str(exit_info.value) == f"terminated by {name}"  # what a failed run's tag says
+
+
+def test_a_pool_fraction_that_keeps_no_document_is_refused_before_training(results_dir):
+    result = CliRunner().invoke(
+        main,
+        ["--results-dir", str(results_dir), "run", "--method", "bm25", "--task", "facts",
+         "--scale", "tiny", "--pool-fraction", "0.001"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--pool-fraction 0.001 of the task's 60 documents keeps 0" in result.output
+    assert not (results_dir / "cache" / "models").exists()  # nothing was trained
