@@ -26,6 +26,21 @@ from methods.datamodel import fit_datamodels
 NO_TRAINING = RefusingExecutor("run `harness run` first to build the pools")
 
 
+def pool_sizes(text: str) -> list[int]:
+    """``--sizes``: comma-separated pool sizes, each at least 2 (a regression needs 2)."""
+    try:
+        sizes = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(
+            f"sizes must be at least 2 (a regression needs 2), got {text!r}"
+        )
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="facts")
@@ -33,8 +48,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", type=int, default=32, help="size of the datamodel pool")
     parser.add_argument("--pool-models", type=int, default=30, help="size of the LDS pool")
-    parser.add_argument("--fraction", type=float, default=0.5)
-    parser.add_argument("--sizes", default="4,8,16,32")
+    parser.add_argument("--fraction", type=float, default=0.5, help="the datamodel pool's α")
+    parser.add_argument("--pool-fraction", type=float, default=0.5, help="the LDS pool's α")
+    parser.add_argument("--sizes", type=pool_sizes, default="4,8,16,32")
     parser.add_argument("--estimator", default="ridge", choices=("ridge", "lasso"))
     parser.add_argument("--regularization", type=float, default=0.1)
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
@@ -42,13 +58,20 @@ def main() -> None:
 
     task = TASKS.get(args.task)()
     scale = args.scale or task.default_scale
-    bundle = prepare_bundle(task, scale, seed=args.seed, cache=Cache(args.results_dir / "cache"))
-    learn = build_pool(
-        bundle, "datamodel", models=args.models, fraction=args.fraction, executor=NO_TRAINING
-    )
-    evaluate = build_pool(
-        bundle, "lds", models=args.pool_models, fraction=args.fraction, executor=NO_TRAINING
-    )
+    if max(args.sizes) > args.models:
+        parser.error(f"--sizes {max(args.sizes)} exceeds --models {args.models}")
+    try:
+        cache = Cache(args.results_dir / "cache")
+        bundle = prepare_bundle(task, scale, seed=args.seed, cache=cache, train=False)
+        learn = build_pool(
+            bundle, "datamodel", models=args.models, fraction=args.fraction, executor=NO_TRAINING
+        )
+        evaluate = build_pool(
+            bundle, "lds", models=args.pool_models, fraction=args.pool_fraction,
+            executor=NO_TRAINING,
+        )  # fmt: skip
+    except (LookupError, RuntimeError, ValueError) as error:
+        parser.error(str(error))
     ensure_disjoint(learn, evaluate)
     queries = bundle.learned_queries
     ids = [q.id for q in queries]
@@ -60,7 +83,7 @@ def main() -> None:
     )
     print("| m | LDS | MRR |")
     print("|---|---|---|")
-    for m in [int(s) for s in args.sizes.split(",") if int(s) <= len(learn)]:
+    for m in args.sizes:
         scores = fit_datamodels(
             learn.masks[:m].astype(np.float64),
             learn.targets(ids)[:m],

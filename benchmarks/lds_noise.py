@@ -30,6 +30,21 @@ from harness.tracking import open_client, tracking_uri
 NO_TRAINING = RefusingExecutor("run `harness run` first to build the pools")
 
 
+def pool_sizes(text: str) -> list[int]:
+    """``--sizes``: comma-separated pool sizes, each at least 3 (LDS ranks models)."""
+    try:
+        sizes = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 3:
+        raise argparse.ArgumentTypeError(
+            f"sizes must be at least 3 (LDS ranks models), got {text!r}"
+        )
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="facts")
@@ -37,17 +52,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool-models", type=int, default=30)
     parser.add_argument("--pool-fraction", type=float, default=0.5)
-    parser.add_argument("--sizes", default="5,10,15,20,30", help="pool sizes m to compare")
+    parser.add_argument(
+        "--sizes", type=pool_sizes, default="5,10,15,20,30", help="pool sizes m to compare"
+    )
     parser.add_argument("--draws", type=int, default=200, help="bootstrap draws per size")
     parser.add_argument("--results-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
 
     task = TASKS.get(args.task)()
     scale = args.scale or task.default_scale
-    bundle = prepare_bundle(task, scale, seed=args.seed, cache=Cache(args.results_dir / "cache"))
-    pool = build_pool(
-        bundle, "lds", models=args.pool_models, fraction=args.pool_fraction, executor=NO_TRAINING
-    )
+    try:
+        cache = Cache(args.results_dir / "cache")
+        bundle = prepare_bundle(task, scale, seed=args.seed, cache=cache, train=False)
+        pool = build_pool(
+            bundle, "lds", models=args.pool_models, fraction=args.pool_fraction,
+            executor=NO_TRAINING,
+        )  # fmt: skip
+    except (LookupError, RuntimeError, ValueError) as error:
+        parser.error(str(error))
+    # bootstrap draws may exceed the pool, but not by much: beyond it they say little
+    if max(args.sizes) > len(pool):
+        parser.error(f"--sizes {max(args.sizes)} exceeds the pool's {len(pool)} models")
     uri = tracking_uri(args.results_dir)
     runs = (
         collect_runs(uri, tasks=[args.task])
@@ -61,7 +86,7 @@ def main() -> None:
         .sort("method")
     )
     client = open_client(uri)
-    sizes = [int(s) for s in args.sizes.split(",") if int(s) <= len(pool)]
+    sizes = args.sizes
     rng = np.random.default_rng(0)
     draws = {m: [rng.choice(len(pool), m, replace=True) for _ in range(args.draws)] for m in sizes}
     print(

@@ -152,7 +152,10 @@ def prepare_task_data(task: Task, scale: str, *, seed: int, cache: Cache) -> Tas
     return _task_data(task, scale, task.scale(scale).config, seed=seed, cache=cache)[0]
 
 
-def prepare_bundle(task: Task, scale: str, *, seed: int, cache: Cache) -> Bundle:
+def prepare_bundle(
+    task: Task, scale: str, *, seed: int, cache: Cache, train: bool = True
+) -> Bundle:
+    """The task's data and trained model, from the cache or built; ``train=False`` only loads."""
     preset = task.scale(scale)
     data, data_key = _task_data(task, scale, preset.config, seed=seed, cache=cache)
     model_key = content_key(
@@ -166,6 +169,11 @@ def prepare_bundle(task: Task, scale: str, *, seed: int, cache: Cache) -> Bundle
     if cache.has("models", model_key):
         _logger.info(
             "found existing model %s for %s/%s, skipping training", model_key, task.name, scale
+        )
+    elif not train:
+        raise LookupError(
+            f"no trained model for {task.name}/{scale} with seed {seed} in {cache.root}; "
+            f"run `harness run --task {task.name} --scale {scale} --seed {seed} ...` first"
         )
     else:
         _train_and_store(data, preset.recipe, seed=seed, cache=cache, key=model_key)

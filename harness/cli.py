@@ -308,7 +308,8 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
     if removals:
         click.echo(
             "\nTop-k removal, mean drop of the target log-probability over "
-            f"{int(removals[0].metrics['removal_queries'])} queries (top-k / random k / effect):"
+            f"{_count(int(removals[0].metrics['removal_queries']), 'query', 'queries')} "
+            "(top-k / random k / effect):"
         )
         for o in removals:
             ks = sorted(
@@ -321,6 +322,10 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
                 for k in ks
             ]
             click.echo(f"{o.method:<10} " + "   ".join(cells))
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _cell(metrics: dict[str, float], name: str, width: int = 6) -> str:

@@ -15,6 +15,7 @@ often as the reference model does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -201,7 +202,7 @@ def build_pool(
         progress = tqdm(
             total=len(missing), desc=f"{purpose} pool", unit="model", leave=False, disable=None
         )
-        with progress:
+        with progress, _report_interruption(purpose, folder, models):
             for job, result in executor.run(run_retrain, jobs):
                 record = {
                     "index": job.index,
@@ -223,6 +224,19 @@ def build_pool(
     else:
         _logger.info("reusing %s pool %s: all %d models stored", purpose, key, models)
     return _assemble(purpose, fraction, key, [done[i] for i in range(models)], bundle)
+
+
+@contextlib.contextmanager
+def _report_interruption(purpose: str, folder: Path, models: int):
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        stored = sum(1 for i in range(models) if _model_path(folder, i).is_file())
+        _logger.warning(
+            "%s pool interrupted with %d of %d models stored; the same command resumes it",
+            purpose, stored, models,
+        )  # fmt: skip
+        raise
 
 
 def _job(bundle, index: int, seed: int, fraction: float) -> RetrainJob:

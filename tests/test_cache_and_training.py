@@ -102,3 +102,14 @@ def test_an_interrupted_write_leaves_no_entry(tmp_path):
     with cache.writing("models", "abc", {"x": 1}) as staging:
         (staging / "done.bin").write_bytes(b"1")
     assert cache.has("models", "abc") and cache.manifest("models", "abc") == {"x": 1}
+
+
+def test_a_load_only_bundle_is_refused_when_no_model_is_cached(tmp_path):
+    from harness.bundle import prepare_bundle
+    from harness.cache import Cache
+    from tasks.facts import FactsTask
+
+    cache = Cache(tmp_path / "cache")
+    with pytest.raises(LookupError, match="no trained model for facts/tiny with seed 0"):
+        prepare_bundle(FactsTask(), "tiny", seed=0, cache=cache, train=False)
+    assert not (tmp_path / "cache" / "models").exists()  # nothing was trained
