@@ -11,67 +11,35 @@ hold the models (run ``harness run --method datamodel`` first).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
+from stored import add_task_arguments, size_list, stored_bundle, stored_pool
 
-from harness.bundle import prepare_bundle
-from harness.cache import Cache
-from harness.executor import RefusingExecutor
 from harness.metrics import lds_per_query, query_metrics
-from harness.retrain import build_pool, ensure_disjoint
-from harness.task import TASKS
+from harness.retrain import ensure_disjoint
 from methods.datamodel import fit_datamodels
-
-NO_TRAINING = RefusingExecutor("run `harness run` first to build the pools")
-
-
-def pool_sizes(text: str) -> list[int]:
-    """``--sizes``: comma-separated pool sizes, each at least 2 (a regression needs 2)."""
-    try:
-        sizes = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not sizes or min(sizes) < 2:
-        raise argparse.ArgumentTypeError(
-            f"sizes must be at least 2 (a regression needs 2), got {text!r}"
-        )
-    return sizes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="facts")
-    parser.add_argument("--scale", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_task_arguments(parser)
     parser.add_argument("--models", type=int, default=32, help="size of the datamodel pool")
     parser.add_argument("--pool-models", type=int, default=30, help="size of the LDS pool")
     parser.add_argument("--fraction", type=float, default=0.5, help="the datamodel pool's α")
     parser.add_argument("--pool-fraction", type=float, default=0.5, help="the LDS pool's α")
-    parser.add_argument("--sizes", type=pool_sizes, default="4,8,16,32")
+    parser.add_argument("--sizes", type=size_list(2, "a regression needs 2"), default="4,8,16,32")
     parser.add_argument("--estimator", default="ridge", choices=("ridge", "lasso"))
     parser.add_argument("--regularization", type=float, default=0.1)
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
 
-    task = TASKS.get(args.task)()
-    scale = args.scale or task.default_scale
     if max(args.sizes) > args.models:
         parser.error(f"--sizes {max(args.sizes)} exceeds --models {args.models}")
-    try:
-        cache = Cache(args.results_dir / "cache")
-        bundle = prepare_bundle(task, scale, seed=args.seed, cache=cache, train=False)
-        learn = build_pool(
-            bundle, "datamodel", models=args.models, fraction=args.fraction, executor=NO_TRAINING
-        )
-        evaluate = build_pool(
-            bundle, "lds", models=args.pool_models, fraction=args.pool_fraction,
-            executor=NO_TRAINING,
-        )  # fmt: skip
-    except (LookupError, RuntimeError, ValueError) as error:
-        parser.error(str(error))
+    bundle = stored_bundle(parser, args)
+    scale = bundle.scale
+    learn = stored_pool(parser, bundle, "datamodel", models=args.models, fraction=args.fraction)
+    evaluate = stored_pool(
+        parser, bundle, "lds", models=args.pool_models, fraction=args.pool_fraction
+    )
     ensure_disjoint(learn, evaluate)
     queries = bundle.learned_queries
     ids = [q.id for q in queries]

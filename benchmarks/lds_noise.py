@@ -17,59 +17,30 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from stored import add_task_arguments, size_list, stored_bundle, stored_pool
 
-from harness.bundle import prepare_bundle
-from harness.cache import Cache
-from harness.executor import RefusingExecutor
 from harness.leaderboard import collect_runs
 from harness.metrics import lds_per_query
-from harness.retrain import build_pool
-from harness.task import TASKS
 from harness.tracking import open_client, tracking_uri
-
-NO_TRAINING = RefusingExecutor("run `harness run` first to build the pools")
-
-
-def pool_sizes(text: str) -> list[int]:
-    """``--sizes``: comma-separated pool sizes, each at least 3 (LDS ranks models)."""
-    try:
-        sizes = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not sizes or min(sizes) < 3:
-        raise argparse.ArgumentTypeError(
-            f"sizes must be at least 3 (LDS ranks models), got {text!r}"
-        )
-    return sizes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="facts")
-    parser.add_argument("--scale", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_task_arguments(parser)
     parser.add_argument("--pool-models", type=int, default=30)
     parser.add_argument("--pool-fraction", type=float, default=0.5)
     parser.add_argument(
-        "--sizes", type=pool_sizes, default="5,10,15,20,30", help="pool sizes m to compare"
+        "--sizes",
+        type=size_list(3, "LDS ranks models"),
+        default="5,10,15,20,30",
+        help="pool sizes m to compare",
     )
     parser.add_argument("--draws", type=int, default=200, help="bootstrap draws per size")
-    parser.add_argument("--results-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
 
-    task = TASKS.get(args.task)()
-    scale = args.scale or task.default_scale
-    try:
-        cache = Cache(args.results_dir / "cache")
-        bundle = prepare_bundle(task, scale, seed=args.seed, cache=cache, train=False)
-        pool = build_pool(
-            bundle, "lds", models=args.pool_models, fraction=args.pool_fraction,
-            executor=NO_TRAINING,
-        )  # fmt: skip
-    except (LookupError, RuntimeError, ValueError) as error:
-        parser.error(str(error))
+    bundle = stored_bundle(parser, args)
+    scale = bundle.scale
+    pool = stored_pool(parser, bundle, "lds", models=args.pool_models, fraction=args.pool_fraction)
     # bootstrap draws may exceed the pool, but not by much: beyond it they say little
     if max(args.sizes) > len(pool):
         parser.error(f"--sizes {max(args.sizes)} exceeds the pool's {len(pool)} models")
