@@ -106,15 +106,19 @@ class Evaluation:
 def lds_metrics(
     method: Method, scores: np.ndarray, queries: list[Query], pool: SubsetPool, *, seed: int
 ) -> tuple[dict[str, float], np.ndarray]:
-    """``lds`` with its bootstrap interval over queries, and the per-query values."""
+    """``lds`` with its bootstrap interval over queries, and the per-query values.
+
+    A method that learned from retrains says so by holding its pool as ``pool``
+    (as :class:`methods.datamodel.Datamodel` does); it is then refused unless that
+    pool shares no model with the one it is scored against.
+    """
     own_pool = getattr(method, "pool", None)
     if isinstance(own_pool, SubsetPool):
         ensure_disjoint(own_pool, pool)
     per_query = lds_per_query(scores, pool.masks, pool.targets([q.id for q in queries]))
     mean, low, high = mean_with_ci(per_query, seed=seed)
-    return {"lds": mean, "lds_ci_low": low, "lds_ci_high": high, "lds_models": len(pool)}, (
-        per_query
-    )
+    metrics = {"lds": mean, "lds_ci_low": low, "lds_ci_high": high, "lds_models": len(pool)}
+    return metrics, per_query
 
 
 # --- reliability -------------------------------------------------------------------

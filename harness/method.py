@@ -17,7 +17,10 @@ What a method reads (see :class:`harness.bundle.Bundle`): ``bundle.data.document
 documents encoded as the model trained on them; ``bundle.model(i)``, a fresh copy
 of checkpoint ``i`` (``-1`` the final model) and ``bundle.checkpoints[i]``'s
 ``step`` and ``learning_rate``; ``bundle.encode_queries(queries)``; and
-``bundle.tokenizer``. ``queries`` are :class:`harness.data.Query` objects
+``bundle.tokenizer``. A method that learns from retrained models keeps the
+:class:`harness.retrain.SubsetPool` it used as ``self.pool``, so that the runner
+can refuse to evaluate it against the same retrains.
+``queries`` are :class:`harness.data.Query` objects
 (``prompt``, ``target``, ``relevant``): the runner passes only those whose target
 the model learned. ``self.params`` holds the validated parameters and
 ``self.seed`` the run's seed, for any randomness.
