@@ -105,13 +105,11 @@ class Bundle:
                 self.recipe,
                 seed=_replica_seed(self.seed, target),
             )
-            _store_model(
-                self.cache, key, result, {"replica_of": self.setup_key, "replica": target}
-            )
+            store_model(self.cache, key, result, {"replica_of": self.setup_key, "replica": target})
         manifest = self.cache.manifest("models", key)
         return dataclasses.replace(
             self,
-            checkpoints=_load_checkpoints(self.cache.path("models", key), manifest),
+            checkpoints=load_checkpoints(self.cache.path("models", key), manifest),
             heldout_loss=manifest["heldout_loss"],
             model_key=key,
             replica_index=target,
@@ -240,10 +238,10 @@ def _train_and_store(
         "learned_fraction_untrained": sum(untrained.values()) / len(untrained),
         "vocab_size": len(tokenizer),
     }
-    _store_model(cache, key, result, details, tokenizer=tokenizer)
+    store_model(cache, key, result, details, tokenizer=tokenizer)
 
 
-def _store_model(
+def store_model(
     cache: Cache,
     key: str,
     result: TrainingResult,
@@ -251,7 +249,10 @@ def _store_model(
     *,
     tokenizer: WordTokenizer | None = None,
 ) -> None:
-    """Write a trained model's checkpoints (and tokenizer) and manifest as one cache entry."""
+    """Write a trained model's checkpoints (and tokenizer) and manifest as one cache entry.
+
+    ``details`` go into the manifest; :func:`load_checkpoints` reads the checkpoints back.
+    """
     manifest = {
         "checkpoints": [
             {"step": c.step, "learning_rate": c.learning_rate} for c in result.checkpoints
@@ -295,7 +296,7 @@ def _load_bundle(
         tokenizer=tokenizer,
         recipe=recipe,
         model_config=recipe.model_config(len(tokenizer)),
-        checkpoints=_load_checkpoints(folder, manifest),
+        checkpoints=load_checkpoints(folder, manifest),
         heldout_loss=manifest["heldout_loss"],
         learned=manifest["learned"],
         learned_fraction_untrained=manifest["learned_fraction_untrained"],
@@ -307,7 +308,7 @@ def _load_bundle(
     )
 
 
-def _load_checkpoints(folder: Path, manifest: dict) -> list[Checkpoint]:
+def load_checkpoints(folder: Path, manifest: dict) -> list[Checkpoint]:
     return [
         # safetensors holds plain tensors only: loading it runs no code
         Checkpoint(

@@ -213,6 +213,13 @@ def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
     help="Queries sampled for --removal.",
 )
 @click.option(
+    "--owner-retrains/--no-owner-retrains",
+    default=True,
+    show_default=True,
+    help="On tasks with data owners, retrain once without each owner's documents: the "
+    "ground truth of owner_spearman and of the unlearning check.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
@@ -232,6 +239,7 @@ def run(
     reliability: bool,
     removal: bool,
     removal_queries: int,
+    owner_retrains: bool,
     workers: int | None,
 ) -> None:
     """Run attribution methods on a task, each as its own MLflow run."""
@@ -243,6 +251,7 @@ def run(
         reliability=reliability,
         removal=removal,
         removal_queries=removal_queries,
+        owner_retrains=owner_retrains,
     )
     try:
         plan = plan_runs(
@@ -322,6 +331,56 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
                 for k in ks
             ]
             click.echo(f"{o.method:<10} " + "   ".join(cells))
+
+    owner_level = [o for o in finished if "owner_top1" in o.metrics]
+    if owner_level:
+        click.echo(
+            "\nOwner level: document scores summed per owner. Top-1: the queried fact's "
+            "owner ranked first; ρ: Spearman against the leave-one-owner-out drops."
+        )
+        for o in owner_level:
+            m = o.metrics
+            line = f"{o.method:<10} top-1 {_with_ci(m, 'owner_top1')}"
+            if "owner_spearman" in m:
+                line += f"   ρ {_with_ci(m, 'owner_spearman')}"
+            click.echo(line)
+    for o in finished:
+        if "own_heldout_loss" in o.metrics:
+            _print_own_model(o)
+
+
+def _with_ci(m: dict[str, float], name: str) -> str:
+    return f"{m[name]:.3f} [{m[name + '_ci_low']:.3f}, {m[name + '_ci_high']:.3f}]"
+
+
+def _print_own_model(o: RunOutcome) -> None:
+    m = o.metrics
+    click.echo(
+        f"\n{o.method} trains its own model: held-out loss {m['own_heldout_loss']:.3f} "
+        f"against the reference's {m['heldout_loss']:.3f} (delta {m['heldout_loss_delta']:+.3f})."
+    )
+    checked = int(m.get("unlearn_queries", 0))
+    if "unlearn_forgotten" not in m:
+        return
+    click.echo(
+        f"Unlearning check on {_count(checked, 'fact', 'facts')} it learned: dropping the "
+        f"experts holding the fact forgets {m['unlearn_forgotten']:.0%}"
+        + (
+            f"; dropping another keeps {m['unlearn_kept_other']:.0%}."
+            if "unlearn_kept_other" in m
+            else "."
+        )
+    )
+    levels = [
+        ("full", "unlearn_logprob_full"),
+        ("without its experts", "unlearn_logprob_without_responsible"),
+        ("without another", "unlearn_logprob_without_other"),
+        ("never seen", "unlearn_logprob_never_seen"),
+    ]
+    click.echo(
+        "Mean target log-probability: "
+        + ", ".join(f"{label} {m[name]:.2f}" for label, name in levels if name in m)
+    )
 
 
 def _count(n: int, one: str, many: str) -> str:

@@ -21,6 +21,7 @@ class Document:
     id: str
     text: str
     source: str  # where the text came from: background corpus, planted data, ...
+    owner: str | None = None  # the data owner it belongs to, on tasks that have owners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Query:
     ``relevant`` holds the ids of the documents responsible for the target (the
     ground truth); ``candidates`` are the answers the target competes with when
     the task checks whether the model learned it (the target among them). With
-    no candidates every query is scored, learned or not.
+    no candidates every query is scored, learned or not. On tasks with data
+    owners, ``owner`` is the owner whose data the target comes from.
     """
 
     id: str
@@ -38,6 +40,7 @@ class Query:
     target: str
     relevant: tuple[str, ...]
     candidates: tuple[str, ...]
+    owner: str | None = None
 
     def __post_init__(self) -> None:
         if not self.target.strip():
@@ -72,6 +75,29 @@ class TaskData:
             unknown = set(query.relevant) - known
             if unknown:
                 raise ValueError(f"query {query.id!r} names unknown documents {sorted(unknown)}")
+        self._check_owners()
+
+    def _check_owners(self) -> None:
+        """Owners label every document or none; a query's owner must hold documents."""
+        labelled = [d.id for d in self.documents if d.owner is not None]
+        if labelled and len(labelled) != len(self.documents):
+            unlabelled = [d.id for d in self.documents if d.owner is None]
+            raise ValueError(
+                f"task {self.task!r}: {len(unlabelled)} documents have no owner "
+                f"(e.g. {unlabelled[:3]}) while others have one; label all or none"
+            )
+        owners = set(self.owners)
+        for query in self.queries:
+            if query.owner is not None and query.owner not in owners:
+                raise ValueError(
+                    f"query {query.id!r} names owner {query.owner!r}, who holds no documents; "
+                    f"owners: {sorted(owners) or 'none'}"
+                )
+
+    @property
+    def owners(self) -> tuple[str, ...]:
+        """The data owners in order of first appearance; empty when the task has none."""
+        return tuple(dict.fromkeys(d.owner for d in self.documents if d.owner is not None))
 
     @property
     def document_ids(self) -> list[str]:

@@ -62,6 +62,7 @@ class Evaluation:
     removal: bool = False
     removal_queries: int = 4
     removal_ks: tuple[int, ...] = REMOVAL_KS
+    owner_retrains: bool = True  # leave-one-owner-out retrains, on tasks with owners
 
     def check(self, n_documents: int | None = None) -> None:
         """Refuse settings that cannot work, naming the valid range.

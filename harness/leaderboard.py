@@ -31,11 +31,12 @@ from harness.errors import UnknownNameError
 from harness.evaluation import REMOVAL_KS
 from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
+from harness.task import TASKS
 from harness.tracking import TASK_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
-FIDELITY = [*SUMMARY_NAMES.values(), "lds"]
+FIDELITY = [*SUMMARY_NAMES.values(), "lds", "owner_top1", "owner_spearman"]
 INTERVALS = [f"{name}{suffix}" for name in FIDELITY for suffix in ("_ci_low", "_ci_high")]
 REMOVAL = [
     f"removal_{kind}_at_{k}" for k in REMOVAL_KS for kind in ("drop", "random_drop", "effect")
@@ -44,10 +45,18 @@ RELIABILITY = [
     "seed_stability", "model_seed_stability", "randomization_correlation", "model_independent",
     "failed_queries",
 ]  # fmt: skip
+# methods that train their own model: its utility, and the exact-removal check
+OWN_MODEL = ["own_heldout_loss", "heldout_loss_delta"]
+UNLEARNING = [
+    "unlearn_queries", "unlearn_forgotten", "unlearn_kept_other", "unlearn_logprob_full",
+    "unlearn_logprob_without_responsible", "unlearn_logprob_without_other",
+    "unlearn_logprob_never_seen", "unlearn_not_removable",
+]  # fmt: skip
 COST = ["fit_seconds", "score_seconds", "peak_memory_mb", "reliability_seconds"]
 CONTEXT = ["queries_scored", "learned_fraction", "learned_fraction_untrained", "heldout_loss"]
 POOL = ["lds_models"]  # retrained models behind the LDS figure
-METRICS = FIDELITY + INTERVALS + POOL + REMOVAL + RELIABILITY + COST + CONTEXT
+OTHER = POOL + REMOVAL + RELIABILITY + OWN_MODEL + UNLEARNING + COST + CONTEXT
+METRICS = FIDELITY + INTERVALS + OTHER
 CONFIGURATION = ["task", "scale", "setup", "method", "params"]
 RANK_BY = "mrr"
 
@@ -114,7 +123,7 @@ def _memory_only_params(method: str | None) -> set[str]:
 
 
 def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
-    """One row per configuration, ranked by MRR within each task and scale."""
+    """One row per configuration, ranked within each task and scale by its primary metric."""
     # per (configuration, seed), each metric from the latest run that has it: a later
     # run with LDS or reliability switched off does not erase the earlier figures
     latest = (
@@ -125,7 +134,7 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     table = latest.group_by(CONFIGURATION).agg(
         pl.len().cast(pl.Int64).alias("n_runs"),
         pl.col("seed").sort().cast(pl.String).str.join(" ").alias("seeds"),
-        *[pl.col(m).mean() for m in FIDELITY + POOL + REMOVAL + RELIABILITY + COST + CONTEXT],
+        *[pl.col(m).mean() for m in FIDELITY + OTHER],
         *[pl.col(m).std().alias(f"{m}_std") for m in FIDELITY],
         *[pl.col(m).count().alias(f"{m}_n") for m in FIDELITY],
         *[pl.col(m).drop_nulls().first().alias(f"{m}_single") for m in INTERVALS],
@@ -135,19 +144,32 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
         pl.when(one_seed).then(pl.lit("queries")).otherwise(pl.lit("seeds")).alias("ci_basis"),
         *[_interval(m, side, sign) for m in FIDELITY for side, sign in SIDES],
     )
-    # NaN and missing values rank last, never first
-    key = pl.when(pl.col(RANK_BY).is_nan()).then(None).otherwise(pl.col(RANK_BY))
+    # each task ranks by its primary metric; NaN and missing values rank last, never first
+    primary = {task: primary_metric(task) for task in table["task"].unique().to_list()}
+    key = pl.lit(None, dtype=pl.Float64)
+    for task, metric in primary.items():
+        key = pl.when(pl.col("task") == task).then(pl.col(metric)).otherwise(key)
+    key = pl.when(key.is_nan()).then(None).otherwise(key)
     table = table.with_columns(
         key.rank(method="min", descending=True).over("task", "scale", "setup").alias("rank")
     )
     ordered = ["task", "scale", "setup", "rank", "method", "params", "n_runs", "seeds"]
     ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
-    ordered += POOL + REMOVAL + RELIABILITY + COST + CONTEXT
+    ordered += OTHER
     return table.select(ordered).sort("task", "scale", "setup", "rank", "method", nulls_last=True)
 
 
 SIDES = (("_ci_low", -1), ("_ci_high", 1))
+
+
+def primary_metric(task: str) -> str:
+    """The metric a task ranks by (``mrr`` for a task plugin no longer installed)."""
+    try:
+        metric = TASKS.get(task).primary_metric
+    except UnknownNameError:
+        return RANK_BY
+    return metric if metric in FIDELITY else RANK_BY
 
 
 def _interval(metric: str, side: str, sign: int) -> pl.Expr:

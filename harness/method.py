@@ -17,7 +17,11 @@ What a method reads (see :class:`harness.bundle.Bundle`): ``bundle.data.document
 documents encoded as the model trained on them; ``bundle.model(i)``, a fresh copy
 of checkpoint ``i`` (``-1`` the final model) and ``bundle.checkpoints[i]``'s
 ``step`` and ``learning_rate``; ``bundle.encode_queries(queries)``; and
-``bundle.tokenizer``. A method that learns from retrained models keeps the
+``bundle.tokenizer``. A method that trains a model of its own says so with
+``trains_own_model = True`` and reports that model's held-out loss through
+:meth:`Method.own_heldout_loss`; one built from shards it can drop exactly
+implements :class:`harness.unlearning.RemovableShards` and is put through the
+unlearning check. A method that learns from retrained models keeps the
 :class:`harness.retrain.SubsetPool` it used as ``self.pool``, so that the runner
 can refuse to evaluate it against the same retrains.
 ``queries`` are :class:`harness.data.Query` objects
@@ -47,7 +51,7 @@ import numpy as np
 import torch
 
 from harness.bundle import Bundle
-from harness.data import Query
+from harness.data import Query, TaskData
 from harness.params import Params
 from harness.registry import Registry
 
@@ -119,6 +123,21 @@ class Method(abc.ABC):
         check = getattr(self.params, "check_model", None)
         if check is not None:
             check(model, checkpoints=checkpoints)
+
+    def check_task(self, data: TaskData) -> None:  # noqa: B027 (optional check)
+        """Refuse, before any training, parameters the task's data rules out.
+
+        Called with the task's documents and queries once they are built;
+        raise :class:`harness.errors.ParameterError` to refuse.
+        """
+
+    def own_heldout_loss(self, bundle: Bundle) -> float:
+        """The held-out loss of the model a method trains itself (``trains_own_model``).
+
+        Mean token cross-entropy on ``bundle.data.heldout_texts``, comparable with
+        ``bundle.heldout_loss``; called after ``fit``.
+        """
+        raise NotImplementedError(f"{self.name} does not train a model of its own")
 
     def fit(self, bundle: Bundle) -> None:  # noqa: B027 (optional step)
         """Prepare the training side; the default needs nothing."""

@@ -24,10 +24,12 @@ from harness.evaluation import Evaluation, lds_metrics, reliability_metrics, rem
 from harness.method import METHODS, Method
 from harness.metrics import query_metrics, summarize
 from harness.model import GPT
+from harness.owners import OwnerEffects, leave_one_owner_out, owner_metrics
 from harness.resources import CostMeter
 from harness.retrain import SubsetPool, build_pool
 from harness.task import TASKS, Task
 from harness.tracking import Tracker, code_version, tracking_uri
+from harness.unlearning import RemovableShards, never_seen_in_pool, unlearning_metrics
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +43,14 @@ class RunPlan:
     seed: int
     methods: tuple[Method, ...]
     evaluation: Evaluation = dataclasses.field(default_factory=Evaluation)
+
+
+@dataclasses.dataclass
+class GroundTruth:
+    """Counterfactual ground truth shared by every method of a run."""
+
+    pool: SubsetPool | None = None  # subset retrains, for LDS
+    owners: OwnerEffects | None = None  # leave-one-owner-out retrains, on tasks with owners
 
 
 @dataclasses.dataclass
@@ -154,17 +164,21 @@ class Runner:
         data = prepare_task_data(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
         evaluation = plan.evaluation
         evaluation.check(len(data.documents))
+        for method in plan.methods:
+            method.check_task(data)
         bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
-        pool = None
+        # the ground truth every method is measured against is built once, before any runs
+        truth = GroundTruth()
         if evaluation.lds:
-            # one pool per task, built before any method runs and shared by all of them
-            pool = build_pool(
+            truth.pool = build_pool(
                 bundle, "lds", models=evaluation.pool_models, fraction=evaluation.pool_fraction
             )
-        return [self._run_method(method, plan, bundle, pool) for method in plan.methods]
+        if data.owners and evaluation.owner_retrains:
+            truth.owners = leave_one_owner_out(bundle)
+        return [self._run_method(method, plan, bundle, truth) for method in plan.methods]
 
     def _run_method(
-        self, method: Method, plan: RunPlan, bundle: Bundle, pool: SubsetPool | None
+        self, method: Method, plan: RunPlan, bundle: Bundle, truth: GroundTruth
     ) -> RunOutcome:
         name = f"{method.name}-{plan.task.name}-{plan.scale}-seed{plan.seed}"
         tags = {
@@ -180,7 +194,7 @@ class Runner:
         try:
             with self.tracker.run(task=plan.task.name, name=name, tags=tags) as run:
                 run.log_params(_run_params(method, plan, bundle))
-                metrics = _evaluate(method, bundle, run, plan.evaluation, pool)
+                metrics = _evaluate(method, bundle, run, plan.evaluation, truth)
         except Exception as error:  # recorded in MLflow; the next method still runs
             return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
         _logger.info(
@@ -214,7 +228,7 @@ def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, obje
 
 
 def _evaluate(
-    method: Method, bundle: Bundle, run, evaluation: Evaluation, pool: SubsetPool | None
+    method: Method, bundle: Bundle, run, evaluation: Evaluation, truth: GroundTruth
 ) -> dict[str, float]:
     queries = bundle.learned_queries
     task_metrics = {
@@ -253,10 +267,21 @@ def _evaluate(
     }
     # each group is logged as soon as it exists: a crash later keeps it in the run
     run.log_metrics(metrics)
-    if pool is not None:
-        lds, per_query["lds"] = lds_metrics(method, scores, queries, pool, seed=bundle.seed)
+    if truth.pool is not None:
+        lds, per_query["lds"] = lds_metrics(method, scores, queries, truth.pool, seed=bundle.seed)
         run.log_metrics(lds)
         metrics |= lds
+    if bundle.data.owners:
+        owners, owner_columns = owner_metrics(
+            scores, queries, bundle, truth.owners, seed=bundle.seed
+        )
+        run.log_metrics(owners)
+        metrics |= owners
+        per_query |= owner_columns
+    if method.trains_own_model:
+        own = _own_model_metrics(method, bundle, queries, truth)
+        run.log_metrics(own)
+        metrics |= own
     _log_artifacts(run, scores, queries, per_query, method, bundle.data.document_ids)
     if evaluation.reliability:
         reliability, tags = reliability_metrics(method, bundle, queries, scores)
@@ -268,6 +293,28 @@ def _evaluate(
         run.log_metrics(removal)
         metrics |= removal
     return {**task_metrics, **metrics}
+
+
+def _own_model_metrics(
+    method: Method, bundle: Bundle, queries: list[Query], truth: GroundTruth
+) -> dict[str, float]:
+    """Held-out loss of the method's own model against the reference's; the unlearning check."""
+    own_loss = method.own_heldout_loss(bundle)
+    metrics = {"own_heldout_loss": own_loss, "heldout_loss_delta": own_loss - bundle.heldout_loss}
+    if isinstance(method, RemovableShards):
+        if truth.owners is not None and all(q.owner for q in queries):
+            never_seen = truth.owners.without_owner(
+                [q.id for q in queries], [q.owner for q in queries]
+            )
+            reference = dict(zip([q.id for q in queries], never_seen.tolist(), strict=True))
+        elif truth.pool is not None:
+            reference = never_seen_in_pool(truth.pool, bundle, queries)
+        else:
+            reference = None
+        metrics |= unlearning_metrics(
+            method, bundle, queries, never_seen=reference, seed=bundle.seed
+        )
+    return metrics
 
 
 def _failed_queries(method: Method, scores: np.ndarray, shape: tuple[int, int]) -> int:

@@ -98,11 +98,22 @@ class TrainingResult:
 
 
 def train(
-    config: GPTConfig, examples: Sequences, heldout: Sequences, recipe: TrainRecipe, *, seed: int
+    config: GPTConfig,
+    examples: Sequences,
+    heldout: Sequences,
+    recipe: TrainRecipe,
+    *,
+    seed: int,
+    initial: dict[str, torch.Tensor] | None = None,
 ) -> TrainingResult:
-    """Train a fresh model from ``seed``; the result depends only on the inputs."""
+    """Train a model from ``seed``'s initial weights, or continue from ``initial`` ones.
+
+    The result depends only on the inputs.
+    """
     torch.manual_seed(seed)
     model = GPT(config)
+    if initial is not None:
+        model.load_weights(initial)
     optimizer = _optimizer(model, recipe)
     order = _batch_order(len(examples), recipe, seed=seed)
     keep = set(recipe.checkpoint_steps())

@@ -255,7 +255,13 @@ class FactsTask(Task, name="facts"):
 
         known_words = {word for text in paragraphs for word in split_words(text)}
         facts = _draw_facts(config, rng, known_words)
-        texts, sources, relevant = _plant(training, facts, config, rng)
+        texts, sources, relevant = plant_facts(
+            training,
+            facts,
+            rng,
+            min_statements=config.min_statements,
+            max_statements=config.max_statements,
+        )
 
         documents = tuple(
             Document(id=f"doc-{i:05d}", text=text, source=source)
@@ -284,7 +290,7 @@ class FactsTask(Task, name="facts"):
 
 
 def _draw_facts(config: FactsConfig, rng: random.Random, known_words: set[str]) -> list[Fact]:
-    names = _invent_names(config.entities, rng, known_words)
+    names = invent_names(config.entities, rng, known_words)
     facts = []
     for name in names:
         for relation in rng.sample(RELATIONS, config.facts_per_entity):
@@ -294,7 +300,7 @@ def _draw_facts(config: FactsConfig, rng: random.Random, known_words: set[str]) 
     return facts
 
 
-def _invent_names(count: int, rng: random.Random, known_words: set[str]) -> list[str]:
+def invent_names(count: int, rng: random.Random, known_words: set[str]) -> list[str]:
     """Two-word names whose words are not in the background text, nor shared by two people."""
     used, names = set(known_words), []
     while len(names) < count:
@@ -307,15 +313,20 @@ def _invent_names(count: int, rng: random.Random, known_words: set[str]) -> list
     return names
 
 
-def _plant(
-    training: list[str], facts: list[Fact], config: FactsConfig, rng: random.Random
+def plant_facts(
+    training: list[str],
+    facts: list[Fact],
+    rng: random.Random,
+    *,
+    min_statements: int,
+    max_statements: int,
 ) -> tuple[list[str], list[str], dict[str, list[int]]]:
     """Insert each fact's statements into distinct paragraphs, one statement per paragraph."""
     texts, sources = list(training), ["background"] * len(training)
     hosts = rng.sample(range(len(training)), len(training))
     relevant: dict[str, list[int]] = {}
     for fact in facts:
-        count = rng.randint(config.min_statements, config.max_statements)
+        count = rng.randint(min_statements, max_statements)
         # consecutive templates from a random start: as varied as the count allows
         start, statements = rng.randrange(len(fact.relation.statements)), fact.relation.statements
         templates = [statements[(start + j) % len(statements)] for j in range(count)]

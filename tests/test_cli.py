@@ -44,7 +44,7 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
         (["--method", "bm52", "--task", "facts"], "unknown method 'bm52'"),
         (
             ["--method", "bm25,nope", "--task", "facts"],
-            "valid choices: bm25, datainf, datamodel, ekfac, grad_cos",
+            "valid choices: bm25, datainf, datamodel, ekfac, experts, grad_cos",
         ),
         (["--method", "bm25", "--task", "fcts"], "Did you mean 'facts'"),
         (
