@@ -63,7 +63,8 @@ class OwnersConfig(Params):
         if wanted > len(background_paragraphs()):
             raise ValueError(
                 f"{self.owners} owners × ({self.documents_per_owner} + {self.heldout_per_owner}) "
-                f"paragraphs exceed the {len(background_paragraphs())} the background corpus holds"
+                f"paragraphs are {wanted}, but the background corpus holds only "
+                f"{len(background_paragraphs())}"
             )
 
 

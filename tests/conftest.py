@@ -30,3 +30,10 @@ def tiny_bundle(tmp_path_factory) -> Bundle:
 @pytest.fixture
 def results_dir(tmp_path) -> Path:
     return tmp_path / "results"
+
+
+@pytest.fixture(scope="session")
+def tiny_owners_bundle(tmp_path_factory) -> Bundle:
+    """The owners task at scale tiny, trained once per test session."""
+    cache = Cache(tmp_path_factory.mktemp("owners-cache"))
+    return prepare_bundle(TASKS.get("owners")(), "tiny", seed=0, cache=cache)
