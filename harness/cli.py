@@ -1,4 +1,4 @@
-"""The ``harness`` command line: list, run, leaderboard and bench.
+"""The ``harness`` command line: list, run, sweep, leaderboard, ui and bench.
 
 stdout carries results (tables, paths); progress and logs go to stderr.
 """
@@ -17,6 +17,8 @@ import click
 import polars as pl
 
 from harness import bench, executor
+from harness import sweep as sweep_module
+from harness import ui as ui_module
 from harness.errors import HarnessError, ParameterError
 from harness.evaluation import Evaluation
 from harness.leaderboard import write_leaderboard
@@ -24,7 +26,7 @@ from harness.method import METHODS
 from harness.resources import keep_freed_memory
 from harness.runner import Runner, RunOutcome, parse_method_names, plan_runs
 from harness.task import TASKS
-from harness.tracking import TrackingStoreError, tracking_uri
+from harness.tracking import TrackingStoreError, open_client, tracking_uri
 
 DEFAULT_RESULTS = Path("results")
 
@@ -383,6 +385,154 @@ def _print_own_model(o: RunOutcome) -> None:
     )
 
 
+@main.command()
+@click.option("--method", required=True, help="The method to tune (see `harness list`).")
+@click.option("--task", required=True, help="A registered task.")
+@click.option("--scale", default=None, help="Task scale preset; the task's default if omitted.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seeds the task, the model, the query split, the sampler and the method.",
+)
+@click.option("--trials", required=True, type=int, help="Trials the study should hold in all.")
+@click.option(
+    "--objective",
+    default=None,
+    help="Metric to maximise (default: the task's primary metric), or 'fidelity,cost' for "
+    "a two-objective study whose Pareto front is reported.",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(sweep_module.SAMPLERS),
+    default="tpe",
+    show_default=True,
+    help="Optuna sampler (two objectives use NSGA-II unless random).",
+)
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after SECONDS.")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL (default sqlite:///<results-dir>/optuna.db; with --jobs > 1, "
+    "journal:///<results-dir>/optuna.journal).",
+)
+@click.option("--study-name", default=None, help="Default: METHOD-TASK-SCALE-seedSEED.")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Parallel worker processes.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Fix a parameter (it leaves the search space). Repeatable.",
+)
+@click.option(
+    "--seeds",
+    default=None,
+    help="Comma-separated seeds on which the best and the default configuration are "
+    "evaluated on held-out queries (default: --seed).",
+)
+@click.option(
+    "--lds/--no-lds",
+    default=True,
+    show_default=True,
+    help="LDS in the held-out evaluation (trials measure it only when it is the objective).",
+)
+@click.option(
+    "--pool-models", type=int, default=Evaluation.pool_models, show_default=True,
+    help="Retrained models in the LDS pool.",
+)  # fmt: skip
+@click.option(
+    "--reliability/--no-reliability",
+    default=True,
+    show_default=True,
+    help="Reliability checks in the held-out evaluation.",
+)
+@_store_options
+def sweep(
+    obj: dict,
+    method: str,
+    task: str,
+    scale: str | None,
+    seed: int,
+    trials: int,
+    objective: str | None,
+    sampler: str,
+    timeout: float | None,
+    storage: str | None,
+    study_name: str | None,
+    jobs: int,
+    params: tuple[str, ...],
+    seeds: str | None,
+    lds: bool,
+    pool_models: int,
+    reliability: bool,
+) -> None:
+    """Tune a method with Optuna on tuning queries; report best and default on held-out ones."""
+    results_dir = obj["results_dir"]
+    try:
+        task_class = TASKS.get(task)
+        scale = scale or task_class.default_scale
+        heldout_seeds = _parse_seeds(seeds) if seeds else (seed,)
+        if storage is None:
+            storage = (
+                f"journal:///{results_dir.resolve()}/optuna.journal"
+                if jobs > 1
+                else f"sqlite:///{results_dir.resolve()}/optuna.db"
+            )
+        spec = sweep_module.SweepSpec(
+            method=method,
+            task=task,
+            scale=scale,
+            seed=seed,
+            trials=trials,
+            objectives=sweep_module.parse_objectives(objective, task),
+            sampler=sampler,
+            timeout=timeout,
+            storage=storage,
+            study_name=study_name or sweep_module.default_study_name(method, task, scale, seed),
+            jobs=jobs,
+            fixed=_parse_key_values(params),
+            results_dir=results_dir,
+            tracking_uri=obj["tracking_uri"],
+            heldout_seeds=heldout_seeds,
+            evaluation=Evaluation(lds=lds, pool_models=pool_models, reliability=reliability),
+        )
+        sweep_module.check_spec(spec)
+    except (HarnessError, ValueError, TypeError) as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        result = sweep_module.run_sweep(spec)
+    except (sweep_module.SweepConflictError, ParameterError) as error:
+        raise click.UsageError(str(error)) from None
+    for line in sweep_module.study_summary(result):
+        click.echo(line)
+    click.echo("\nHeld-out queries (what the leaderboard reports):")
+    for selection, run_seed, outcome in result.heldout:
+        if outcome.status != "FINISHED":
+            click.echo(f"  {selection:<8} seed {run_seed}: FAILED: {outcome.error}")
+            continue
+        m = outcome.metrics
+        primary = spec.objectives[0] if spec.objectives[0] != sweep_module.COST else "mrr"
+        click.echo(
+            f"  {selection:<8} seed {run_seed}: {primary} {m[primary]:.3f} "
+            f"[{m[primary + '_ci_low']:.3f}, {m[primary + '_ci_high']:.3f}] "
+            f"on {int(m['queries_scored'])} queries (run {outcome.run_id})"
+        )
+    if any(o.status != "FINISHED" for *_, o in result.heldout):
+        sys.exit(1)
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise ParameterError(f"--seeds takes comma-separated integers, but got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ParameterError(f"--seeds takes non-negative integers, but got {text!r}")
+    return seeds
+
+
 def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
@@ -391,7 +541,8 @@ def _cell(metrics: dict[str, float], name: str, width: int = 6) -> str:
     return f"{metrics[name]:>{width}.3f}" if name in metrics else f"{'-':>{width}}"
 
 
-LEADERBOARD_SHOWN = ["task", "scale", "rank", "method", "params", "seeds", "mrr", "mrr_ci_low",
+LEADERBOARD_SHOWN = ["task", "scale", "queries", "rank", "method", "selection", "params", "seeds",
+                     "mrr", "mrr_ci_low",
                      "mrr_ci_high", "recall_at_10", "auprc", "lds", "seed_stability",
                      "model_seed_stability", "randomization_correlation",
                      "score_seconds"]  # fmt: skip
@@ -405,8 +556,11 @@ LEADERBOARD_SHOWN = ["task", "scale", "rank", "method", "params", "seeds", "mrr"
     default=None,
     help="CSV path; default <results-dir>/leaderboard.csv.",
 )
+@click.option(
+    "--plots", is_flag=True, help="Also write figures to <results-dir>/plots/ (seaborn)."
+)
 @_store_options
-def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
+def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None, plots: bool) -> None:
     """Rank the finished MLflow runs per task and write them as CSV."""
     for name in tasks:
         try:
@@ -428,6 +582,56 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None) -> None:
                        tbl_hide_dataframe_shape=True, fmt_str_lengths=120):  # fmt: skip
             click.echo(table.select(LEADERBOARD_SHOWN))
     click.echo(f"Wrote {out}")
+    if plots and not table.is_empty():
+        from harness.plots import write_plots  # matplotlib loads only when asked for
+
+        for path in write_plots(table, obj["results_dir"] / "plots"):
+            click.echo(f"Wrote {path}")
+
+
+@main.command()
+@click.option(
+    "--optuna",
+    "optuna_dashboard",
+    is_flag=True,
+    help="The Optuna dashboard on the study storage instead of the MLflow UI.",
+)
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage for --optuna (default sqlite:///<results-dir>/optuna.db, or the "
+    "journal file a --jobs sweep wrote there).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Default: a free one.")
+@_store_options
+def ui(obj: dict, optuna_dashboard: bool, storage: str | None, port: int | None) -> None:
+    """Serve the MLflow UI (or the Optuna dashboard) on 127.0.0.1 until Ctrl-C."""
+    results_dir = obj["results_dir"]
+    port = port or ui_module.free_port()
+    try:
+        if optuna_dashboard:
+            journal = results_dir.resolve() / "optuna.journal"
+            database = results_dir.resolve() / "optuna.db"
+            if storage is None and not database.exists() and journal.exists():
+                storage = f"journal://{journal}"
+            storage = storage or f"sqlite:///{database}"
+            if storage.startswith("sqlite:///") and not Path(storage[10:]).exists():
+                raise click.UsageError(
+                    f"no Optuna storage at {storage}; run `harness sweep` first or pass --storage"
+                )
+            command, what = (
+                ui_module.optuna_command(storage, port),
+                f"Optuna dashboard ({storage})",
+            )
+        else:
+            uri = tracking_uri(results_dir, obj["tracking_uri"])
+            open_client(uri)  # a store that cannot be opened fails here, with advice
+            command, what = ui_module.mlflow_command(uri, port), f"MLflow UI ({uri})"
+    except (FileNotFoundError, TrackingStoreError) as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(f"{what} at http://{ui_module.HOST}:{port}  (Ctrl-C stops it)", err=False)
+    sys.stdout.flush()
+    sys.exit(ui_module.serve(command))
 
 
 @main.command("bench")

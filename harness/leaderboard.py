@@ -32,7 +32,7 @@ from harness.evaluation import REMOVAL_KS
 from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.task import TASKS
-from harness.tracking import TASK_TAG, open_client
+from harness.tracking import ROLE_TAG, TASK_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
@@ -57,7 +57,10 @@ CONTEXT = ["queries_scored", "learned_fraction", "learned_fraction_untrained", "
 POOL = ["lds_models"]  # retrained models behind the LDS figure
 OTHER = POOL + REMOVAL + RELIABILITY + OWN_MODEL + UNLEARNING + COST + CONTEXT
 METRICS = FIDELITY + INTERVALS + OTHER
-CONFIGURATION = ["task", "scale", "setup", "method", "params"]
+# ``queries``: all, or the held-out half of a sweep's split; ``selection``: for a sweep's
+# held-out runs, whether the configuration is the study's best or the method's default
+CONFIGURATION = ["task", "scale", "setup", "queries", "method", "params", "selection"]
+EXCLUDED_ROLES = ("sweep", "trial")  # a study's parent run and its trials: tuning, not results
 RANK_BY = "mrr"
 
 
@@ -76,13 +79,19 @@ def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
             filter_string="attributes.status = 'FINISHED'",
             max_results=50_000,
         )
-        rows += [_run_row(experiment.tags[TASK_TAG], run) for run in runs]
+        rows += [
+            _run_row(experiment.tags[TASK_TAG], run)
+            for run in runs
+            if run.data.tags.get(ROLE_TAG) not in EXCLUDED_ROLES
+        ]
     schema = {
         "task": pl.String,
         "scale": pl.String,
         "setup": pl.String,
+        "queries": pl.String,
         "method": pl.String,
         "params": pl.String,
+        "selection": pl.String,
         "seed": pl.Int64,
         "run_id": pl.String,
         "start_time": pl.Int64,
@@ -105,8 +114,10 @@ def _run_row(task: str, run) -> dict:
         "task": task,
         "scale": run.data.tags.get("scale"),
         "setup": content_key(setup)[:8],
+        "queries": run.data.tags.get("queries", "all"),
         "method": method,
         "params": json.dumps(method_params, sort_keys=True),
+        "selection": run.data.tags.get("selection", ""),
         "seed": int(params.get("seed", 0)),
         "run_id": run.info.run_id,
         "start_time": run.info.start_time,
@@ -151,13 +162,18 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
         key = pl.when(pl.col("task") == task).then(pl.col(metric)).otherwise(key)
     key = pl.when(key.is_nan()).then(None).otherwise(key)
     table = table.with_columns(
-        key.rank(method="min", descending=True).over("task", "scale", "setup").alias("rank")
+        key.rank(method="min", descending=True)
+        .over("task", "scale", "setup", "queries")
+        .alias("rank")
     )
-    ordered = ["task", "scale", "setup", "rank", "method", "params", "n_runs", "seeds"]
+    ordered = ["task", "scale", "setup", "queries", "rank", "method", "selection", "params"]
+    ordered += ["n_runs", "seeds"]
     ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
     ordered += OTHER
-    return table.select(ordered).sort("task", "scale", "setup", "rank", "method", nulls_last=True)
+    return table.select(ordered).sort(
+        "task", "scale", "setup", "queries", "rank", "method", "selection", nulls_last=True
+    )
 
 
 SIDES = (("_ci_low", -1), ("_ci_high", 1))

@@ -27,6 +27,7 @@ from harness.model import GPT
 from harness.owners import OwnerEffects, leave_one_owner_out, owner_metrics
 from harness.resources import CostMeter
 from harness.retrain import SubsetPool, build_pool
+from harness.splits import QUERY_SETS, select_queries
 from harness.task import TASKS, Task
 from harness.tracking import Tracker, code_version, tracking_uri
 from harness.unlearning import RemovableShards, never_seen_in_pool, unlearning_metrics
@@ -43,6 +44,7 @@ class RunPlan:
     seed: int
     methods: tuple[Method, ...]
     evaluation: Evaluation = dataclasses.field(default_factory=Evaluation)
+    queries: str = "all"  # which queries are scored: all, or a side of the tuning split
 
 
 @dataclasses.dataclass
@@ -82,6 +84,7 @@ def plan_runs(
     seed: int,
     overrides: Mapping[str, str],
     evaluation: Evaluation | None = None,
+    queries: str = "all",
 ) -> RunPlan:
     """Check every name and parameter; raise before any expensive work."""
     if isinstance(method_names, str):
@@ -95,6 +98,8 @@ def plan_runs(
     task_class.scale(scale)
     evaluation = evaluation or Evaluation()
     evaluation.check()
+    if queries not in QUERY_SETS:
+        raise UnknownNameError("query set", queries, QUERY_SETS)
     method_classes = [METHODS.get(name) for name in method_names]
     per_method = _split_overrides(method_classes, overrides)
     methods = tuple(
@@ -107,7 +112,12 @@ def plan_runs(
     for method in methods:
         method.check_model(skeleton, checkpoints=recipe.checkpoints)
     return RunPlan(
-        task=task_class(), scale=scale, seed=seed, methods=methods, evaluation=evaluation
+        task=task_class(),
+        scale=scale,
+        seed=seed,
+        methods=methods,
+        evaluation=evaluation,
+        queries=queries,
     )
 
 
@@ -158,30 +168,49 @@ class Runner:
         )
 
     def execute(self, plan: RunPlan) -> list[RunOutcome]:
+        bundle, truth = self.prepare(plan)
+        return [self.run_method(method, plan, bundle, truth) for method in plan.methods]
+
+    def prepare(self, plan: RunPlan) -> tuple[Bundle, GroundTruth]:
+        """Check the plan against the task's data, then build the bundle and ground truth."""
         # an unreachable tracking store fails now, not after minutes of training
         self.tracker.experiment_id(plan.task.name)
         # settings that depend on the number of documents are checked before training
         data = prepare_task_data(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
-        evaluation = plan.evaluation
-        evaluation.check(len(data.documents))
+        plan.evaluation.check(len(data.documents))
         for method in plan.methods:
             method.check_task(data)
         bundle = prepare_bundle(plan.task, plan.scale, seed=plan.seed, cache=self.cache)
-        # the ground truth every method is measured against is built once, before any runs
+        return bundle, self.ground_truth(bundle, plan.evaluation)
+
+    @staticmethod
+    def ground_truth(bundle: Bundle, evaluation: Evaluation) -> GroundTruth:
+        """What every method is measured against, built once before any method runs."""
         truth = GroundTruth()
         if evaluation.lds:
             truth.pool = build_pool(
                 bundle, "lds", models=evaluation.pool_models, fraction=evaluation.pool_fraction
             )
-        if data.owners and evaluation.owner_retrains:
+        if bundle.data.owners and evaluation.owner_retrains:
             truth.owners = leave_one_owner_out(bundle)
-        return [self._run_method(method, plan, bundle, truth) for method in plan.methods]
+        return truth
 
-    def _run_method(
-        self, method: Method, plan: RunPlan, bundle: Bundle, truth: GroundTruth
+    def run_method(
+        self,
+        method: Method,
+        plan: RunPlan,
+        bundle: Bundle,
+        truth: GroundTruth,
+        *,
+        tags: Mapping[str, str] | None = None,
     ) -> RunOutcome:
+        """One tracked run of a fitted-and-scored method; ``tags`` are added to the run's."""
         name = f"{method.name}-{plan.task.name}-{plan.scale}-seed{plan.seed}"
+        if plan.queries != "all":
+            name += f"-{plan.queries}"
         tags = {
+            **(tags or {}),
+            "queries": plan.queries,
             "method": method.name,
             "family": method.family,
             "task": plan.task.name,
@@ -194,7 +223,12 @@ class Runner:
         try:
             with self.tracker.run(task=plan.task.name, name=name, tags=tags) as run:
                 run.log_params(_run_params(method, plan, bundle))
-                metrics = _evaluate(method, bundle, run, plan.evaluation, truth)
+                queries = [
+                    q
+                    for q in select_queries(bundle.data.queries, plan.queries, seed=plan.seed)
+                    if bundle.learned[q.id]
+                ]
+                metrics = _evaluate(method, bundle, queries, run, plan.evaluation, truth)
         except Exception as error:  # recorded in MLflow; the next method still runs
             return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
         _logger.info(
@@ -213,6 +247,7 @@ def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, obje
         "task": plan.task.name,
         "scale": plan.scale,
         "seed": plan.seed,
+        "queries": plan.queries,
     }
     params |= {f"method.{k}": v for k, v in method.params.to_dict().items()}
     params |= {f"model.{k}": v for k, v in bundle.recipe.to_dict().items()}
@@ -228,21 +263,26 @@ def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, obje
 
 
 def _evaluate(
-    method: Method, bundle: Bundle, run, evaluation: Evaluation, truth: GroundTruth
+    method: Method,
+    bundle: Bundle,
+    queries: list[Query],
+    run,
+    evaluation: Evaluation,
+    truth: GroundTruth,
 ) -> dict[str, float]:
-    queries = bundle.learned_queries
+    """Score the learned ``queries`` and log every metric group as soon as it exists."""
     task_metrics = {
         "queries_total": len(bundle.data.queries),
         "queries_scored": len(queries),
-        "learned_fraction": len(queries) / len(bundle.data.queries),
+        "learned_fraction": sum(bundle.learned.values()) / len(bundle.data.queries),
         "learned_fraction_untrained": bundle.learned_fraction_untrained,
         "heldout_loss": bundle.heldout_loss,
     }
     run.log_metrics(task_metrics)
     if not queries:
         raise ValueError(
-            f"the model learned none of the {len(bundle.data.queries)} queries; "
-            "there is nothing to attribute (train longer or use a larger scale)"
+            f"the model learned none of the {len(bundle.data.queries)} queries in the query "
+            "set scored; there is nothing to attribute (train longer or use a larger scale)"
         )
 
     with CostMeter() as fit_cost:

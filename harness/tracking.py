@@ -25,6 +25,7 @@ from harness.errors import HarnessError
 _logger = logging.getLogger(__name__)
 
 TASK_TAG = "harness.task"
+ROLE_TAG = "harness.role"  # "sweep" on a study's parent run, "trial" on its trials
 MAX_PARAM_LENGTH = 6000
 
 

@@ -49,10 +49,8 @@ SHARD_SCORES = ("responsibility", "removal")
 # scorers that cannot run inside a shard: this method itself, and those fitted on retrains
 _NOT_WITHIN = {"experts"}
 _NOT_WITHIN_FAMILIES = {"datamodel", "experts"}
-_CODE = [
-    Path(__file__),
-    *(Path(harness.__file__).with_name(f) for f in ("training.py", "model.py", "retrain.py")),
-]
+# what a trained expert depends on beyond its key's settings
+_CODE = [Path(harness.__file__).with_name(f) for f in ("training.py", "model.py")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +198,7 @@ class PartitionedExperts(Method, name="experts", family="experts"):
 
     def _seed(self, bundle: Bundle, shard: int) -> int:
         # one expert seed per (task seed, model replica, shard), far from other models' seeds
-        return 3_000_017 * (shard + 1) + 104_729 * bundle.replica_index + bundle.seed
+        return 3_000_017 * (shard + 2) + 104_729 * bundle.replica_index + bundle.seed
 
     def _random_expert(self, bundle: Bundle, shard: int) -> tuple[str, list[Checkpoint]]:
         with torch.random.fork_rng(devices=[]):
@@ -212,21 +210,50 @@ class PartitionedExperts(Method, name="experts", family="experts"):
         ]
         return content_key({"randomized": bundle.model_key, "shard": shard}), checkpoints
 
-    def _key(self, bundle: Bundle, what: dict) -> str:
+    def _job(
+        self,
+        bundle: Bundle,
+        index: int,
+        members: np.ndarray,
+        initial: dict[str, torch.Tensor] | None,
+        *,
+        checkpoints: int,
+    ) -> ExpertJob:
+        """Training of one model on ``members``: the task's recipe and epochs."""
+        recipe = subset_recipe(bundle.recipe, len(members) / len(bundle.documents))
+        heldout = encode_documents(
+            list(bundle.data.heldout_texts), bundle.tokenizer, context=bundle.recipe.context
+        )
+        return ExpertJob(
+            index=index,
+            seed=self._seed(bundle, index),
+            kept=members,
+            config=bundle.model_config,
+            recipe=dataclasses.replace(recipe, checkpoints=min(checkpoints, recipe.steps)),
+            documents=bundle.documents,
+            heldout=heldout,
+            initial=initial,
+        )
+
+    @staticmethod
+    def _key(bundle: Bundle, job: ExpertJob, base_key: str | None) -> str:
         return content_key(
             {
                 "experts_of": bundle.setup_key,
                 "replica": bundle.replica_index,
+                "documents": job.kept.tolist(),
+                "seed": job.seed,
+                "recipe": job.recipe.to_dict(),
+                "base": base_key,
                 "code": code_fingerprint(_CODE),
-                **what,
             }
         )
 
     def _base(self, bundle: Bundle, public: np.ndarray) -> tuple[str, dict[str, torch.Tensor]]:
         """The shared base model trained on the public portion: its key and final weights."""
-        seed = self._seed(bundle, -1)
-        key = self._key(bundle, {"base": public.tolist(), "seed": seed})
-        self._train_missing(bundle, [(key, public, seed, None, 1)], "base")
+        job = self._job(bundle, -1, public, None, checkpoints=1)
+        key = self._key(bundle, job, None)
+        self._train_missing(bundle, {key: job}, "base")
         return key, self._load(bundle, key)[-1].state
 
     def _trained_experts(
@@ -236,13 +263,12 @@ class PartitionedExperts(Method, name="experts", family="experts"):
         base: tuple[str, dict[str, torch.Tensor]] | None,
     ) -> list[tuple[str, list[Checkpoint]]]:
         base_key, initial = (None, None) if base is None else base
-        specs = []
+        jobs = {}
         for shard, members in enumerate(shards):
-            seed = self._seed(bundle, shard)
-            key = self._key(bundle, {"shard": members.tolist(), "seed": seed, "base": base_key})
-            specs.append((key, members, seed, initial, bundle.recipe.checkpoints))
-        self._train_missing(bundle, specs, "expert")
-        return [(key, self._load(bundle, key)) for key, *_ in specs]
+            job = self._job(bundle, shard, members, initial, checkpoints=bundle.recipe.checkpoints)
+            jobs[self._key(bundle, job, base_key)] = job
+        self._train_missing(bundle, jobs, "expert")
+        return [(key, self._load(bundle, key)) for key in jobs]
 
     @staticmethod
     def _load(bundle: Bundle, key: str) -> list[Checkpoint]:
@@ -250,39 +276,25 @@ class PartitionedExperts(Method, name="experts", family="experts"):
             bundle.cache.path("models", key), bundle.cache.manifest("models", key)
         )
 
-    def _train_missing(self, bundle: Bundle, specs: list, what: str) -> None:
-        """Train the models in ``specs`` not yet cached, storing each as it finishes."""
+    @staticmethod
+    def _train_missing(bundle: Bundle, jobs: dict[str, ExpertJob], what: str) -> None:
+        """Train the models not yet cached, storing each as soon as it is trained."""
         if bundle.cache is None:
             raise ValueError("this bundle has no cache to keep experts in")
-        n = len(bundle.documents)
-        heldout = encode_documents(
-            list(bundle.data.heldout_texts), bundle.tokenizer, context=bundle.recipe.context
-        )
-        jobs, keys = [], {}
-        for index, (key, members, seed, initial, checkpoints) in enumerate(specs):
-            if bundle.cache.has("models", key):
-                continue
-            recipe = subset_recipe(bundle.recipe, len(members) / n)
-            recipe = dataclasses.replace(recipe, checkpoints=min(checkpoints, recipe.steps))
-            jobs.append(
-                ExpertJob(index, seed, members, bundle.model_config, recipe, bundle.documents,
-                          heldout, initial)
-            )  # fmt: skip
-            keys[index] = key
-        if not jobs:
-            _logger.info("experts: reusing %d stored %s models", len(specs), what)
+        missing = {
+            job.index: key for key, job in jobs.items() if not bundle.cache.has("models", key)
+        }
+        if not missing:
+            _logger.info("experts: reusing %d stored %s models", len(jobs), what)
             return
-        _logger.info("experts: training %d %s models (%d stored)", len(jobs), what,
-                     len(specs) - len(jobs))  # fmt: skip
-        progress = tqdm(total=len(jobs), desc=what, unit="model", leave=False, disable=None)
+        _logger.info("experts: training %d %s models (%d stored)", len(missing), what,
+                     len(jobs) - len(missing))  # fmt: skip
+        progress = tqdm(total=len(missing), desc=what, unit="model", leave=False, disable=None)
         with progress:
-            for job, result in default_executor().run(train_expert, jobs):
-                store_model(
-                    bundle.cache,
-                    keys[job.index],
-                    result,
-                    {"experts_of": bundle.setup_key, "documents": len(job.kept)},
-                )
+            pending = [job for key, job in jobs.items() if key in missing.values()]
+            for job, result in default_executor().run(train_expert, pending):
+                details = {"experts_of": bundle.setup_key, "documents": len(job.kept)}
+                store_model(bundle.cache, missing[job.index], result, details)
                 progress.update()
 
     # --- mixture -----------------------------------------------------------------
