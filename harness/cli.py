@@ -274,12 +274,10 @@ def run(
         raise click.UsageError(str(error)) from None
     _print_summary(outcomes, plan.task.name, plan.scale)
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
-    mlflow = Path(sys.executable).with_name("mlflow")
-    click.echo(f"Browse:  {mlflow} ui --backend-store-uri {runner.tracker.uri}")
-    custom = obj["results_dir"] != DEFAULT_RESULTS
-    click.echo(
-        "Export:  harness leaderboard" + (f" --results-dir {obj['results_dir']}" if custom else "")
-    )
+    where = f" --results-dir {obj['results_dir']}" if obj["results_dir"] != DEFAULT_RESULTS else ""
+    where += f" --tracking-uri {obj['tracking_uri']}" if obj["tracking_uri"] else ""
+    click.echo(f"Browse:  harness ui{where}")
+    click.echo(f"Export:  harness leaderboard{where} [--plots]")
     if any(o.status != "FINISHED" for o in outcomes):
         sys.exit(1)
 

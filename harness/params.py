@@ -26,8 +26,13 @@ def param(
     log: bool = False,
     tune: bool = True,
     memory_only: bool = False,
+    search: tuple[float, float] | None = None,
 ) -> Any:
     """Declare one parameter; ``low``/``high`` are inclusive bounds.
+
+    ``search`` narrows the range a sweep draws from, where the valid range holds
+    values that are legal but not worth a trial's time (a 65,536-dimensional
+    projection, sixteen retrained models).
 
     ``log`` asks for a log-uniform search space, which needs ``low > 0``.
     ``tune=False`` keeps it out of the search space; ``memory_only=True`` says it
@@ -36,6 +41,10 @@ def param(
     """
     if log and (low is None or low <= 0):
         raise ValueError(f"a log-scale parameter needs low > 0, but got low={low!r}")
+    if search is not None and not (
+        low is not None and high is not None and low <= search[0] <= search[1] <= high
+    ):
+        raise ValueError(f"search range {search!r} must lie within [{low}, {high}]")
     metadata = {
         "help": help,
         "low": low,
@@ -44,6 +53,7 @@ def param(
         "log": log,
         "tune": tune and not memory_only,
         "memory_only": memory_only,
+        "search": search,
     }
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -109,7 +119,8 @@ class Params:
                         "give both or declare it tune=False"
                     )
                 distribution = IntDistribution if annotation is int else FloatDistribution
-                space[field.name] = distribution(meta["low"], meta["high"], log=meta["log"])
+                low, high = meta.get("search") or (meta["low"], meta["high"])
+                space[field.name] = distribution(low, high, log=meta["log"])
             else:
                 raise ValueError(
                     f"{cls.__name__}.{field.name} ({_type_name(annotation)}) is tunable but "

@@ -343,6 +343,7 @@ def _optimize(
     plan = _plan(spec, spec.fixed, "tuning", _trial_evaluation(spec))
     bundle, truth = runner.prepare(plan)  # from the cache: the sweep built them first
     space = search_space(type(plan.methods[0]), spec.fixed)
+    skeleton = bundle.model()
 
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         sampled = {name: _suggest(trial, name, d) for name, d in space.items()}
@@ -352,6 +353,11 @@ def _optimize(
             trial.set_user_attr("error", str(error))
             raise
         method = type(plan.methods[0])(params, seed=spec.seed)
+        try:  # layer selections and ranks the model cannot take fail before any work
+            method.check_model(skeleton, checkpoints=len(bundle.checkpoints))
+        except ParameterError as error:
+            trial.set_user_attr("error", str(error))
+            raise
         outcome = runner.run_method(
             method,
             plan,

@@ -42,6 +42,7 @@ class FeatureParams(Params):
     )
     projection_dim: int = param(
         512,
+        search=(16, 2048),
         help="dimension of a dense projection; rank per side for kronecker",
         low=1,
         high=65536,
@@ -88,7 +89,7 @@ class FeatureParams(Params):
 class TracInParams(FeatureParams):
     normalize: bool = param(False, help="use gradient cosines instead of inner products")
     last_checkpoints: int = param(
-        0, help="use only the last N checkpoints (0 = all)", low=0, high=100
+        0, help="use only the last N checkpoints (0 = all)", low=0, high=100, search=(0, 8)
     )
 
 

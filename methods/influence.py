@@ -57,7 +57,9 @@ class LoGraParams(FeatureParams):
         high=256,
         log=True,
     )
-    damping: float = param(0.1, help=_DAMPING_HELP, low=1e-9, high=1e3, log=True)
+    damping: float = param(
+        0.1, help=_DAMPING_HELP, low=1e-9, high=1e3, log=True, search=(1e-5, 10.0)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,12 @@ class DataInfParams(FeatureParams):
         choices=("none", "kronecker", "gaussian", "rademacher"),
     )
     projection_dim: int = param(
-        16, help="rank per side (kronecker) or dimension (dense)", low=1, high=65536, log=True
+        16,
+        help="rank per side (kronecker) or dimension (dense)",
+        low=1,
+        high=65536,
+        log=True,
+        search=(4, 2048),
     )
     damping: float = param(
         0.1,
@@ -77,6 +84,7 @@ class DataInfParams(FeatureParams):
         low=1e-9,
         high=1e3,
         log=True,
+        search=(1e-5, 10.0),
     )
 
 
@@ -89,7 +97,9 @@ class EKFACParams(FeatureParams):
         tune=False,
     )
     projection: str = param("none", help="EK-FAC works on full gradients", choices=("none",))
-    damping: float = param(0.1, help=_DAMPING_HELP, low=1e-9, high=1e3, log=True)
+    damping: float = param(
+        0.1, help=_DAMPING_HELP, low=1e-9, high=1e3, log=True, search=(1e-5, 10.0)
+    )
     fisher: str = param(
         "sampled",
         help="labels of the curvature: drawn from the model (true Fisher) or the data's",

@@ -35,16 +35,23 @@ class TRAKParams(FeatureParams):
     projection: str = param(
         "rademacher", help="random projection of the gradients", choices=DENSE_KINDS
     )
-    projection_dim: int = param(512, help="projected dimension k", low=8, high=65536, log=True)
+    projection_dim: int = param(
+        512, help="projected dimension k", low=8, high=65536, log=True, search=(64, 4096)
+    )
     damping: float = param(
         0.1,
         help="ridge λ relative to the mean eigenvalue of ΦᵀΦ (must be positive)",
         low=1e-9,
         high=1e3,
         log=True,
+        search=(1e-5, 10.0),
     )
     last_checkpoints: int = param(
-        0, help="ensemble over the last N checkpoints of each model (0 = all)", low=0, high=100
+        0,
+        help="ensemble over the last N checkpoints of each model (0 = all)",
+        low=0,
+        high=100,
+        search=(0, 8),
     )
     models: int = param(
         1,
@@ -52,6 +59,7 @@ class TRAKParams(FeatureParams):
         "cached on first use)",
         low=1,
         high=16,
+        search=(1, 4),
     )
     out_to_loss: bool = param(True, help="weight documents by 1 − their mean token likelihood")
 

@@ -153,7 +153,7 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
     result = _invoke(results_dir, "run", "--method", "all", "--task", "facts", "--scale", "tiny",
                      "--pool-models", "3", "--param", "datamodel.models=3")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "MRR [95% CI]" in result.output and "mlflow ui --backend-store-uri" in result.output
+    assert "MRR [95% CI]" in result.output and "Browse:  harness ui --results-dir" in result.output
 
     client = MlflowClient(tracking_uri=f"sqlite:///{results_dir.resolve()}/mlflow.db")
     experiment = client.get_experiment_by_name("facts")

@@ -109,9 +109,16 @@ def test_every_registered_method_declares_a_search_space():
             ), (name, key)
     trak = METHODS.get("trak").Params.search_space()
     assert trak["damping"].log and trak["damping"].low > 0  # damping is never 0
-    assert trak["projection_dim"] == IntDistribution(8, 65536, log=True)
+    # sweeps draw from a narrower range than the parameter accepts
+    assert trak["projection_dim"] == IntDistribution(64, 4096, log=True)
+    assert METHODS.get("trak").Params(projection_dim=8192).projection_dim == 8192
     assert "chunk_size" not in trak and "layers" not in trak  # memory knobs are not tuned
     assert METHODS.get("ekfac").Params.search_space()["fisher"].choices == ("sampled", "empirical")
+
+
+def test_a_search_range_must_lie_inside_the_valid_range():
+    with pytest.raises(ValueError, match=r"search range \(0, 10\) must lie within \[1, 5\]"):
+        param(2, help="count", low=1, high=5, search=(0, 10))
 
 
 def test_a_tunable_number_without_bounds_is_a_declaration_error():
