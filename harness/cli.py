@@ -355,32 +355,40 @@ def _with_ci(m: dict[str, float], name: str) -> str:
 
 def _print_own_model(o: RunOutcome) -> None:
     m = o.metrics
+    trained = f", trained in {m['own_train_seconds']:.0f} s" if "own_train_seconds" in m else ""
     click.echo(
-        f"\n{o.method} trains its own model: held-out loss {m['own_heldout_loss']:.3f} "
-        f"against the reference's {m['heldout_loss']:.3f} (delta {m['heldout_loss_delta']:+.3f})."
+        f"\n{o.method} trains its own model{trained}: held-out loss "
+        f"{m['own_heldout_loss']:.3f} against the reference's {m['heldout_loss']:.3f} "
+        f"(delta {m['heldout_loss_delta']:+.3f})."
     )
-    checked = int(m.get("unlearn_queries", 0))
-    if "unlearn_forgotten" not in m:
+    if "unlearn_queries" not in m:
+        return
+    checked, stuck = int(m["unlearn_queries"]), int(m["unlearn_not_removable"])
+    if stuck:
+        click.echo(
+            f"Unlearning check: {_count(stuck, 'fact', 'facts')} cannot be removed by dropping "
+            "experts (a document in the public portion, or the fact in every shard)."
+        )
+    if not checked:
+        click.echo("Unlearning check: no fact the mixture learned could be checked.")
         return
     click.echo(
-        f"Unlearning check on {_count(checked, 'fact', 'facts')} it learned: dropping the "
-        f"experts holding the fact forgets {m['unlearn_forgotten']:.0%}"
-        + (
-            f"; dropping another keeps {m['unlearn_kept_other']:.0%}."
-            if "unlearn_kept_other" in m
-            else "."
-        )
+        f"Unlearning check on {_count(checked, 'fact', 'facts')} the mixture learned: dropping "
+        f"the experts holding the fact forgets {m['unlearn_forgotten']:.0%}; dropping the "
+        f"strongest other expert keeps {m['unlearn_kept_other']:.0%}."
     )
-    levels = [
-        ("full", "unlearn_logprob_full"),
-        ("without its experts", "unlearn_logprob_without_responsible"),
-        ("without another", "unlearn_logprob_without_other"),
-        ("never seen", "unlearn_logprob_never_seen"),
-    ]
     click.echo(
         "Mean target log-probability: "
-        + ", ".join(f"{label} {m[name]:.2f}" for label, name in levels if name in m)
+        f"full {m['unlearn_logprob_full']:.2f}, "
+        f"without its experts {m['unlearn_logprob_without_responsible']:.2f}, "
+        f"without the other {m['unlearn_logprob_without_other']:.2f}."
     )
+    if m.get("unlearn_never_seen_queries"):
+        click.echo(
+            f"Against a model that never saw the fact ({int(m['unlearn_never_seen_queries'])} "
+            f"facts): {m['unlearn_logprob_never_seen']:.2f}; without its experts minus that: "
+            f"{m['unlearn_gap_never_seen']:+.2f}."
+        )
 
 
 @main.command()
@@ -543,6 +551,7 @@ LEADERBOARD_SHOWN = ["task", "scale", "queries", "rank", "method", "selection", 
                      "mrr", "mrr_ci_low",
                      "mrr_ci_high", "recall_at_10", "auprc", "lds", "seed_stability",
                      "model_seed_stability", "randomization_correlation",
+                     "owner_top1", "owner_spearman", "heldout_loss_delta",
                      "score_seconds"]  # fmt: skip
 
 

@@ -46,11 +46,12 @@ RELIABILITY = [
     "failed_queries",
 ]  # fmt: skip
 # methods that train their own model: its utility, and the exact-removal check
-OWN_MODEL = ["own_heldout_loss", "heldout_loss_delta"]
+OWN_MODEL = ["own_heldout_loss", "heldout_loss_delta", "own_train_seconds"]
 UNLEARNING = [
     "unlearn_queries", "unlearn_forgotten", "unlearn_kept_other", "unlearn_logprob_full",
     "unlearn_logprob_without_responsible", "unlearn_logprob_without_other",
-    "unlearn_logprob_never_seen", "unlearn_not_removable",
+    "unlearn_never_seen_queries", "unlearn_logprob_never_seen", "unlearn_gap_never_seen",
+    "unlearn_not_removable",
 ]  # fmt: skip
 COST = ["fit_seconds", "score_seconds", "peak_memory_mb", "reliability_seconds"]
 CONTEXT = ["queries_scored", "learned_fraction", "learned_fraction_untrained", "heldout_loss"]

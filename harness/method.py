@@ -89,6 +89,8 @@ class Method(abc.ABC):
     description: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = NoParams
     trains_own_model: ClassVar[bool] = False  # its own model's held-out loss is then reported
+    # set by fit when trains_own_model: seconds its model took to train, cached or not
+    own_train_seconds: float | None = None
 
     def __init_subclass__(
         cls, *, name: str | None = None, family: str | None = None, **kwargs: Any

@@ -16,6 +16,7 @@ Metrics, for any method: document scores summed per owner, then
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -89,7 +90,7 @@ def leave_one_owner_out(bundle: Bundle) -> OwnerEffects:
             for k in missing
         ]
         progress = tqdm(total=len(jobs), desc="owner retrains", unit="model", disable=None)
-        with progress:
+        with progress, _report_interruption(paths):
             for job, result in default_executor().run(run_retrain, jobs):
                 record = {
                     "owner": owners[job.index],
@@ -113,6 +114,19 @@ def leave_one_owner_out(bundle: Bundle) -> OwnerEffects:
         without=np.array([[r["target_logprobs"][q] for q in query_ids] for r in records]),
         heldout_losses=np.array([r["heldout_loss"] for r in records]),
     )
+
+
+@contextlib.contextmanager
+def _report_interruption(paths: list[Path]):
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        stored = sum(path.is_file() for path in paths)
+        _logger.warning(
+            "owner retrains interrupted with %d of %d stored; the same command resumes them",
+            stored, len(paths),
+        )  # fmt: skip
+        raise
 
 
 def owner_scores(scores: np.ndarray, bundle: Bundle) -> np.ndarray:

@@ -3,18 +3,24 @@
 For each scored query whose target the full model prefers among its candidates:
 drop the shards that hold any of the query's relevant documents and see whether
 the fact is gone (the target is no longer the likeliest candidate); drop one
-other shard, chosen at random, and see whether it stays. Log-probabilities of
-the target under each are compared with the level of a model that never saw the
-fact where there is one: the leave-one-owner-out retrain of the query's owner
-on tasks with owners, else the LDS pool's models that kept none of the
-query's relevant documents.
+other shard and see whether it stays. The other shard is the strongest control
+there is: of the shards holding none of the fact's documents, the one whose
+removal lowers the target's log-probability most.
 
-Metrics: ``unlearn_queries`` (queries checked), ``unlearn_forgotten`` and
-``unlearn_kept_other`` (shares of them), ``unlearn_logprob_full``,
-``unlearn_logprob_without_responsible``, ``unlearn_logprob_without_other`` and,
-with a reference, ``unlearn_logprob_never_seen`` (means over the checked
-queries), and ``unlearn_not_removable`` (queries with a relevant document in a
-public portion that no shard holds, which dropping experts cannot forget).
+A query is *not removable* when no drop can take its fact away: a relevant
+document sits in a public portion that no shard holds, or the fact's documents
+are spread over every shard, so that dropping them all would leave no model.
+
+Metrics: ``unlearn_queries`` (queries checked), ``unlearn_not_removable``,
+``unlearn_forgotten`` and ``unlearn_kept_other`` (shares of the checked
+queries), and the mean target log-probabilities ``unlearn_logprob_full``,
+``unlearn_logprob_without_responsible`` and ``unlearn_logprob_without_other``.
+Where there is a model that never saw the fact (on tasks with owners the
+leave-one-owner-out retrain of the query's owner, else the LDS pool's models
+that kept none of the query's relevant documents), ``unlearn_never_seen_queries``
+counts the checked queries that have one, and ``unlearn_logprob_never_seen`` and
+``unlearn_gap_never_seen`` (without-responsible minus never-seen: near 0 or
+below when the fact is gone) average over exactly those queries.
 """
 
 from __future__ import annotations
@@ -52,78 +58,79 @@ def unlearning_metrics(
     queries: list[Query],
     *,
     never_seen: Mapping[str, float] | None = None,
-    seed: int = 0,
 ) -> dict[str, float]:
-    rng = np.random.default_rng(seed)
     index = {doc_id: i for i, doc_id in enumerate(bundle.data.document_ids)}
     shards = sorted(set(model.shard_of.tolist()) - {-1})
-    checked, not_removable = [], 0
+    removable, not_removable = [], 0
     for query in queries:
-        holding = {int(model.shard_of[index[d]]) for d in query.relevant}
-        if -1 in holding:
+        holding = sorted({int(model.shard_of[index[d]]) for d in query.relevant})
+        if -1 in holding or len(holding) == len(shards):
             not_removable += 1
-            continue
+        else:
+            removable.append((query, holding))
+    metrics: dict[str, float] = {"unlearn_queries": 0, "unlearn_not_removable": not_removable}
+    if not removable:
+        return metrics
+
+    # the control: the non-holding shard whose removal costs the target most
+    prompts, targets, dropped = [], [], []
+    for query, holding in removable:
+        for shard in shards:
+            if shard not in holding:
+                prompts.append(query.prompt)
+                targets.append(query.target)
+                dropped.append((shard,))
+    costs = iter(model.counterfactual_logprobs(bundle, prompts, targets, dropped))
+    checks = []
+    for query, holding in removable:
         others = [s for s in shards if s not in holding]
-        other = int(rng.choice(others)) if others else None
-        checked.append((query, sorted(holding), other))
+        without = [next(costs) for _ in others]
+        checks.append((query, holding, others[int(np.argmin(without))]))
 
     prompts, targets, dropped = [], [], []
-    for query, holding, other in checked:
+    for query, holding, other in checks:
         candidates = list(query.candidates) or [query.target]
-        for removal in ((), holding, () if other is None else (other,)):
+        for removal in ((), tuple(holding), (other,)):
             prompts += [query.prompt] * len(candidates)
             targets += candidates
             dropped += [removal] * len(candidates)
-    logprobs = model.counterfactual_logprobs(bundle, prompts, targets, dropped) if prompts else []
+    logprobs = model.counterfactual_logprobs(bundle, prompts, targets, dropped)
 
-    results = []  # per query: (learned, forgotten, kept by other, three target log-probs)
-    start = 0
-    for query, _, other in checked:
+    rows, start = [], 0
+    for query, _, _ in checks:
         candidates = list(query.candidates) or [query.target]
-        position = candidates.index(query.target)
-        blocks = []
-        for _ in range(3):
-            blocks.append(np.asarray(logprobs[start : start + len(candidates)]))
-            start += len(candidates)
-        full, without_holding, without_other = blocks
-        results.append(
+        target = candidates.index(query.target)
+        full, without_holding, without_other = (
+            logprobs[start + i * len(candidates) : start + (i + 1) * len(candidates)]
+            for i in range(3)
+        )
+        start += 3 * len(candidates)
+        if int(np.argmax(full)) != target:
+            continue  # the mixture never learned it: there is nothing to forget
+        rows.append(
             {
                 "query": query.id,
-                "learned": int(np.argmax(full)) == position,
-                "forgotten": int(np.argmax(without_holding)) != position,
-                "kept_other": None if other is None else int(np.argmax(without_other)) == position,
-                "full": full[position],
-                "without_responsible": without_holding[position],
-                "without_other": None if other is None else without_other[position],
+                "forgotten": int(np.argmax(without_holding)) != target,
+                "kept_other": int(np.argmax(without_other)) == target,
+                "full": full[target],
+                "without_responsible": without_holding[target],
+                "without_other": without_other[target],
             }
         )
-
-    learned = [r for r in results if r["learned"]]
-    metrics: dict[str, float] = {
-        "unlearn_queries": len(learned),
-        "unlearn_not_removable": not_removable,
-    }
-    if not learned:
+    metrics["unlearn_queries"] = len(rows)
+    if not rows:
         return metrics
-    with_other = [r for r in learned if r["kept_other"] is not None]
-    metrics |= {
-        "unlearn_forgotten": float(np.mean([r["forgotten"] for r in learned])),
-        "unlearn_logprob_full": float(np.mean([r["full"] for r in learned])),
-        "unlearn_logprob_without_responsible": float(
-            np.mean([r["without_responsible"] for r in learned])
-        ),
-    }
-    if with_other:
-        metrics |= {
-            "unlearn_kept_other": float(np.mean([r["kept_other"] for r in with_other])),
-            "unlearn_logprob_without_other": float(
-                np.mean([r["without_other"] for r in with_other])
-            ),
-        }
-    if never_seen:
-        levels = [never_seen.get(r["query"], np.nan) for r in learned]
-        if not np.isnan(levels).all():
-            metrics["unlearn_logprob_never_seen"] = float(np.nanmean(levels))
+    for name in ("forgotten", "kept_other"):
+        metrics[f"unlearn_{name}"] = float(np.mean([r[name] for r in rows]))
+    for name in ("full", "without_responsible", "without_other"):
+        metrics[f"unlearn_logprob_{name}"] = float(np.mean([r[name] for r in rows]))
+    paired = [r for r in rows if never_seen and np.isfinite(never_seen.get(r["query"], np.nan))]
+    metrics["unlearn_never_seen_queries"] = len(paired)
+    if paired:
+        levels = np.array([never_seen[r["query"]] for r in paired])
+        without = np.array([r["without_responsible"] for r in paired])
+        metrics["unlearn_logprob_never_seen"] = float(levels.mean())
+        metrics["unlearn_gap_never_seen"] = float((without - levels).mean())
     return metrics
 
 

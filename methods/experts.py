@@ -32,7 +32,7 @@ import harness
 from harness.bundle import Bundle, load_checkpoints, store_model
 from harness.cache import code_fingerprint, content_key
 from harness.data import Query, Sequences, TaskData, encode_completions, encode_documents
-from harness.errors import ParameterError
+from harness.errors import ParameterError, UnknownNameError
 from harness.executor import default_executor
 from harness.method import METHODS, Method
 from harness.mixture import WEIGHTINGS, mixture_logprobs, responsibilities, token_logprobs
@@ -45,6 +45,7 @@ from harness.training import Checkpoint, TrainingResult, TrainRecipe, train
 _logger = logging.getLogger(__name__)
 
 SPLITS = ("auto", "owners", "random", "topic")
+DEFAULT_SHARDS = 8  # on tasks without owners
 SHARD_SCORES = ("responsibility", "removal")
 # scorers that cannot run inside a shard: this method itself, and those fitted on retrains
 _NOT_WITHIN = {"experts"}
@@ -66,7 +67,14 @@ class ExpertsParams(Params):
         choices=SPLITS,
         tune=False,
     )
-    shards: int = param(8, help="experts, for a random or topic split", low=1, high=64, tune=False)
+    shards: int = param(
+        0,
+        help="experts: 0 is one per owner where the task has owners, else 8; a random or "
+        "topic split takes any number",
+        low=0,
+        high=64,
+        tune=False,
+    )
     weighting: str = param(
         "prompt", help="mix experts uniformly, or weighted by the prompt", choices=WEIGHTINGS
     )
@@ -100,14 +108,20 @@ class ExpertsParams(Params):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.within == "none":
-            return
-        cls = METHODS.get(self.within)
-        if cls.name in _NOT_WITHIN or cls.family in _NOT_WITHIN_FAMILIES:
-            raise ParameterError(
-                f"within={self.within!r} cannot rank documents inside a shard "
-                f"(family {cls.family!r}); use 'none' or a method of another family"
+        if self.within != "none" and self.within not in within_choices():
+            raise UnknownNameError(
+                "within-shard scorer", self.within, within_choices(), where="(parameter within)"
             )
+
+
+def within_choices() -> list[str]:
+    """Methods that can rank a shard's documents: not this one, nor those fit on retrains."""
+    eligible = [
+        name
+        for name in METHODS.names()
+        if name not in _NOT_WITHIN and METHODS.get(name).family not in _NOT_WITHIN_FAMILIES
+    ]
+    return ["none", *eligible]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,21 +151,41 @@ class PartitionedExperts(Method, name="experts", family="experts"):
     shard_of: np.ndarray  # set by fit: each document's shard, -1 for the public portion
 
     def check_task(self, data: TaskData) -> None:
+        uses_owners = self._uses_owners(data)
         if self.params.split == "owners" and not data.owners:
             raise ParameterError(
                 f"split='owners' needs a task with data owners, and {data.task!r} has none; "
                 "use split=random or split=topic"
             )
-        public = round(self.params.base_fraction * len(data.documents))
-        shards = len(data.owners) if self._uses_owners(data) else self.params.shards
-        if len(data.documents) - public < shards:
+        if uses_owners and self.params.shards not in (0, len(data.owners)):
             raise ParameterError(
-                f"{len(data.documents) - public} documents outside the public portion cannot "
-                f"fill {shards} shards; lower shards or base_fraction"
+                f"shards={self.params.shards}, but the shards are the task's "
+                f"{len(data.owners)} owners; leave shards unset, or use split=random or "
+                "split=topic for another number"
+            )
+        fraction = self.params.base_fraction
+        if uses_owners:
+            for owner in data.owners:
+                held = sum(d.owner == owner for d in data.documents)
+                if held - round(fraction * held) < 1:
+                    raise ParameterError(
+                        f"base_fraction={fraction} leaves owner {owner!r} ({held} documents) "
+                        "nothing of its own to train an expert on; lower base_fraction"
+                    )
+        elif len(data.documents) - round(fraction * len(data.documents)) < self._shard_count(data):
+            raise ParameterError(
+                f"{len(data.documents) - round(fraction * len(data.documents))} documents "
+                f"outside the public portion cannot fill {self._shard_count(data)} shards; "
+                "lower shards or base_fraction"
             )
 
     def _uses_owners(self, data: TaskData) -> bool:
         return self.params.split == "owners" or (self.params.split == "auto" and bool(data.owners))
+
+    def _shard_count(self, data: TaskData) -> int:
+        if self._uses_owners(data):
+            return len(data.owners)
+        return self.params.shards or DEFAULT_SHARDS
 
     # --- fitting -----------------------------------------------------------------
 
@@ -159,11 +193,7 @@ class PartitionedExperts(Method, name="experts", family="experts"):
         self.check_task(bundle.data)
         n = len(bundle.data.documents)
         self.shard_of = np.full(n, -1, dtype=np.int64)
-        public = np.sort(
-            np.random.default_rng(self.seed).choice(
-                n, size=round(self.params.base_fraction * n), replace=False
-            )
-        )
+        public = self._public(bundle.data)
         private = np.setdiff1d(np.arange(n), public)
         for shard, members in enumerate(self._split(bundle, private)):
             self.shard_of[members] = shard
@@ -173,16 +203,36 @@ class PartitionedExperts(Method, name="experts", family="experts"):
             len(shards), min(map(len, shards)), max(map(len, shards)),
             f", a base model on {len(public)} public ones" if len(public) else "",
         )  # fmt: skip
+        self.own_train_seconds = 0.0
         if bundle.randomization is not None:
             self.experts = [self._random_expert(bundle, s) for s in range(len(shards))]
         else:
             base = self._base(bundle, public) if len(public) else None
             self.experts = self._trained_experts(bundle, shards, base)
+            keys = [key for key, _ in self.experts] + ([base[0]] if base else [])
+            self.own_train_seconds = sum(
+                bundle.cache.manifest("models", key)["train_seconds"] for key in keys
+            )
+        # each expert as a bundle of its own, for the within-shard scorer; it holds every
+        # document (only its shard's columns are used), so corpus-wide statistics of that
+        # scorer (BM25's IDF, a curvature) include documents the expert never saw
         self._bundles = [
             dataclasses.replace(bundle, checkpoints=checkpoints, model_key=key)
             for key, checkpoints in self.experts
         ]
         self._models = [b.model() for b in self._bundles]
+
+    def _public(self, data: TaskData) -> np.ndarray:
+        """The public portion: the same fraction of every owner's documents, or of all."""
+        rng = np.random.default_rng(self.seed)
+        if self._uses_owners(data):
+            owner_of = np.array([d.owner for d in data.documents])
+            groups = [np.flatnonzero(owner_of == owner) for owner in data.owners]
+        else:
+            groups = [np.arange(len(data.documents))]
+        fraction = self.params.base_fraction
+        drawn = [rng.choice(g, size=round(fraction * len(g)), replace=False) for g in groups]
+        return np.sort(np.concatenate(drawn)).astype(np.int64)
 
     def _split(self, bundle: Bundle, private: np.ndarray) -> list[np.ndarray]:
         data = bundle.data
@@ -191,9 +241,9 @@ class PartitionedExperts(Method, name="experts", family="experts"):
             return [private[owner_of == owner] for owner in data.owners]
         if self.params.split == "topic":
             texts = [data.documents[i].text for i in private]
-            parts = topic_partition(texts, self.params.shards, seed=self.seed)
+            parts = topic_partition(texts, self._shard_count(data), seed=self.seed)
         else:
-            parts = random_partition(len(private), self.params.shards, seed=self.seed)
+            parts = random_partition(len(private), self._shard_count(data), seed=self.seed)
         return [np.sort(private[part]) for part in parts]
 
     def _seed(self, bundle: Bundle, shard: int) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -66,7 +64,7 @@ def test_dropping_an_expert_that_never_saw_a_fact_only_renormalises_the_mixture(
     tiny_owners_bundle,
 ):
     # prompt weighting: an expert that never saw the person gets a tiny weight w_j for the
-    # prompt, and dropping it moves the fact's log-probability by at most -log(1 - w_j)
+    # prompt, so dropping it barely moves the fact's log-probability
     bundle = tiny_owners_bundle
     method = PartitionedExperts(ExpertsParams(weighting="prompt"))
     method.fit(bundle)
@@ -78,8 +76,8 @@ def test_dropping_an_expert_that_never_saw_a_fact_only_renormalises_the_mixture(
         strangers = [i for i, q in enumerate(queries) if q.owner != owners[j]]
         without = method.counterfactual_logprobs(bundle, prompts, targets, [(j,)] * len(queries))
         shift = without[strangers] - full[strangers]
-        assert (shift > -1e-9).all()  # its share of the target was below the mixture's
-        assert (shift < 0.05).all()  # and its weight for a stranger's prompt is small
+        # p_mix = (1 - w_j) p_without_j + w_j p_j, and a stranger's prompt gives w_j ≈ 0
+        assert np.abs(shift).max() < 0.05
 
 
 def test_a_one_expert_mixture_is_its_plain_model(tiny_owners_bundle):
@@ -96,6 +94,9 @@ def test_a_one_expert_mixture_is_its_plain_model(tiny_owners_bundle):
     # with one shard every document shares its score equally
     scores = method.score(bundle, queries)
     np.testing.assert_allclose(scores, 1.0 / len(bundle.data.documents))
+    # no drop can remove a fact from a one-expert model: counted, not a failure
+    checked = unlearning_metrics(method, bundle, bundle.learned_queries)
+    assert checked == {"unlearn_queries": 0, "unlearn_not_removable": len(bundle.learned_queries)}
 
 
 def test_unlearning_forgets_the_fact_with_its_expert_and_keeps_it_without_another(
@@ -103,14 +104,16 @@ def test_unlearning_forgets_the_fact_with_its_expert_and_keeps_it_without_anothe
 ):
     bundle = tiny_owners_bundle
     assert isinstance(experts, RemovableShards)
-    metrics = unlearning_metrics(experts, bundle, bundle.learned_queries, seed=0)
+    metrics = unlearning_metrics(experts, bundle, bundle.learned_queries)
     assert metrics["unlearn_queries"] >= 3
     assert metrics["unlearn_forgotten"] >= 0.5
-    assert metrics["unlearn_kept_other"] >= 0.9
+    # the control is the other expert whose removal costs the target most: a hard one
+    assert metrics["unlearn_kept_other"] >= 0.75
+    assert metrics["unlearn_forgotten"] > 1 - metrics["unlearn_kept_other"]
     assert metrics["unlearn_logprob_without_responsible"] < metrics["unlearn_logprob_full"] - 1
-    assert metrics["unlearn_logprob_without_other"] == pytest.approx(
-        metrics["unlearn_logprob_full"],
-        abs=math.log(2),  # uniform: at most the 1/(1-w) factor
+    assert (
+        metrics["unlearn_logprob_without_responsible"]
+        < metrics["unlearn_logprob_without_other"] - 1
     )
 
 
@@ -119,7 +122,10 @@ def test_a_public_portion_trains_a_base_and_scores_nothing(tiny_owners_bundle):
     method = PartitionedExperts(ExpertsParams(base_fraction=0.25, within="none"))
     method.fit(bundle)
     public = method.shard_of == -1
-    assert public.sum() == round(0.25 * len(bundle.data.documents))
+    # the same share of every owner's documents is public, so no owner is left empty
+    for owner in bundle.data.owners:
+        own = np.array([d.owner == owner for d in bundle.data.documents])
+        assert (public & own).sum() == round(0.25 * own.sum())
     scores = method.score(bundle, list(bundle.data.queries))
     assert (scores[:, public] == 0).all() and (scores[:, ~public] > 0).all()
     assert np.isfinite(method.own_heldout_loss(bundle))
@@ -140,14 +146,23 @@ def test_randomised_bundles_get_untrained_experts(experts, tiny_owners_bundle):
 
 
 def test_bad_parameters_are_refused_before_training(tiny_bundle):
-    with pytest.raises(ParameterError, match="within='datamodel' cannot rank"):
+    with pytest.raises(UnknownNameError, match="within-shard scorer 'datamodel'") as refused:
         ExpertsParams(within="datamodel")
-    with pytest.raises(UnknownNameError, match="nope"):
+    assert "valid choices: bm25" in str(refused.value) and "experts" not in str(refused.value)
+    with pytest.raises(UnknownNameError, match="'nope' \\(parameter within\\)"):
         ExpertsParams(within="nope")
     with pytest.raises(ParameterError, match="split='owners' needs a task with data owners"):
         PartitionedExperts(ExpertsParams(split="owners")).check_task(tiny_bundle.data)
     with pytest.raises(ParameterError, match="cannot fill 64 shards"):
         PartitionedExperts(ExpertsParams(split="random", shards=64)).check_task(tiny_bundle.data)
+
+
+def test_on_a_task_with_owners_the_shards_are_the_owners(tiny_owners_bundle):
+    data = tiny_owners_bundle.data
+    with pytest.raises(ParameterError, match="shards=5, but the shards are the task's 3 owners"):
+        PartitionedExperts(ExpertsParams(shards=5)).check_task(data)
+    PartitionedExperts(ExpertsParams(shards=3)).check_task(data)
+    PartitionedExperts(ExpertsParams(split="random", shards=5)).check_task(data)
 
 
 def test_random_split_on_a_task_without_owners(tiny_bundle):

@@ -134,7 +134,7 @@ def test_removing_the_owner_of_a_fact_costs_it_more_than_removing_another(
     np.testing.assert_array_equal(again.without, effects.without)
 
 
-def test_a_run_on_owners_logs_owner_metrics_and_the_experts_utility_and_unlearning(
+def test_every_method_runs_on_owners_with_owner_metrics_and_the_experts_own_figures(
     results_dir,
 ):
     import polars as pl
@@ -143,11 +143,13 @@ def test_a_run_on_owners_logs_owner_metrics_and_the_experts_utility_and_unlearni
 
     from harness.cli import main
     from harness.leaderboard import write_leaderboard
+    from harness.method import METHODS
 
     result = CliRunner().invoke(
         main,
-        ["--results-dir", str(results_dir), "run", "--method", "experts,bm25,random",
-         "--task", "owners", "--scale", "tiny", "--pool-models", "3", "--no-reliability"],
+        ["--results-dir", str(results_dir), "run", "--method", "all", "--task", "owners",
+         "--scale", "tiny", "--pool-models", "3", "--param", "datamodel.models=3",
+         "--no-reliability"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Owner level" in result.output and "Unlearning check" in result.output
@@ -156,6 +158,8 @@ def test_a_run_on_owners_logs_owner_metrics_and_the_experts_utility_and_unlearni
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("owners").experiment_id])
     metrics = {r.data.tags["method"]: r.data.metrics for r in runs}
+    assert sorted(metrics) == METHODS.names()  # every registered method runs on owners
+    assert {r.info.status for r in runs} == {"FINISHED"}
     for m in metrics.values():
         assert 0 <= m["owner_top1"] <= 1 and -1 <= m["owner_spearman"] <= 1
     experts = metrics["experts"]
