@@ -11,15 +11,31 @@ from scipy import stats
 from harness.leaderboard import METRICS, build_leaderboard
 
 
-def _run(method, seed, mrr, *, params="{}", start=0, ci=(0.0, 1.0), scale="small", setup="s1"):
+def _run(
+    method,
+    seed,
+    mrr,
+    *,
+    params="{}",
+    start=0,
+    ci=(0.0, 1.0),
+    scale="small",
+    setup="s1",
+    task="facts",
+    queries="all",
+    selection="",
+    **metrics,
+):
     row = {m: 0.5 for m in METRICS}
-    row.update({"mrr": mrr, "mrr_ci_low": ci[0], "mrr_ci_high": ci[1]})
+    row.update({"mrr": mrr, "mrr_ci_low": ci[0], "mrr_ci_high": ci[1], **metrics})
     return {
-        "task": "facts",
+        "task": task,
         "scale": scale,
         "setup": setup,
+        "queries": queries,
         "method": method,
         "params": params,
+        "selection": selection,
         "seed": seed,
         "run_id": f"{method}-{seed}-{start}",
         "start_time": start,
@@ -104,3 +120,32 @@ def test_a_later_run_without_lds_keeps_the_earlier_lds_and_intervals_count_only_
     # only seed 0 has LDS: its own bootstrap interval, not a t-interval over two seeds
     assert (row["lds"], row["lds_ci_low"], row["lds_ci_high"]) == (0.3, 0.2, 0.4)
     assert row["lds_models"] == 30
+
+
+def test_heldout_rows_rank_apart_and_best_and_default_stay_separate():
+    runs = pl.DataFrame(
+        [
+            _run("trak", 0, 0.5, queries="heldout", selection="best", params='{"damping": "1"}'),
+            _run("trak", 0, 0.4, queries="heldout", selection="default"),
+            _run("trak", 0, 0.45),  # the same default configuration, on every query
+        ]
+    )
+    board = build_leaderboard(runs)
+    assert board.height == 3
+    heldout = board.filter(pl.col("queries") == "heldout")
+    assert heldout["selection"].to_list() == ["best", "default"]
+    assert heldout["rank"].to_list() == [1, 2]
+    assert board.filter(pl.col("queries") == "all")["rank"].to_list() == [1]
+
+
+def test_each_task_ranks_by_its_primary_metric():
+    runs = pl.DataFrame(
+        [
+            _run("bm25", 0, 0.9, task="owners", owner_top1=0.2),
+            _run("experts", 0, 0.1, task="owners", owner_top1=0.8),
+            _run("nan", 0, 0.5, task="owners", owner_top1=float("nan")),
+        ]
+    )
+    board = build_leaderboard(runs)
+    assert board["method"].to_list() == ["experts", "bm25", "nan"]  # NaN last, never first
+    assert board["rank"].to_list()[:2] == [1, 2]
