@@ -34,6 +34,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -175,12 +176,19 @@ def check_spec(spec: SweepSpec) -> None:
     spec.evaluation.check()
 
 
-def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+def _sampler(spec: SweepSpec, *, stream: int, history: int) -> optuna.samplers.BaseSampler:
+    """A sampler seeded by the sweep's seed, its worker (``stream``) and the trials so far.
+
+    A sampler seeded by ``--seed`` alone would, on resuming, replay the
+    suggestions it made the first time, and parallel workers would all suggest
+    the same ones; the seed is deterministic in all three instead.
+    """
+    seed = int(np.random.SeedSequence([spec.seed, stream, history]).generate_state(1)[0])
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "nsga2" or len(spec.objectives) > 1:
-        return optuna.samplers.NSGAIISampler(seed=spec.seed)
-    return optuna.samplers.TPESampler(seed=spec.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _trial_evaluation(spec: SweepSpec) -> Evaluation:
@@ -214,7 +222,6 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
         study_name=spec.study_name,
         storage=open_storage(spec.storage),
         directions=spec.directions,
-        sampler=_sampler(spec),
         load_if_exists=True,
     )
     _check_signature(study, spec)
@@ -228,11 +235,14 @@ def run_sweep(spec: SweepSpec) -> SweepResult:
     )  # fmt: skip
     status = "FAILED"
     try:
+        history = len(study.trials)
         if missing and spec.jobs == 1:
+            study.sampler = _sampler(spec, stream=0, history=history)
             _optimize(spec, study, runner, parent_id, missing)
         elif missing:
-            executor = ProcessExecutor(min(spec.jobs, missing))
-            for _ in executor.run(_worker, [(spec, parent_id)] * min(spec.jobs, missing)):
+            workers = min(spec.jobs, missing)
+            jobs = [(spec, parent_id, worker, history) for worker in range(workers)]
+            for _ in ProcessExecutor(workers).run(_worker, jobs):
                 pass
         trials = study.get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -327,12 +337,14 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         study.tell(trial.number, state=TrialState.FAIL)
 
 
-def _worker(job: tuple[SweepSpec, str]) -> None:
+def _worker(job: tuple[SweepSpec, str, int, int]) -> None:
     """One parallel worker: its own storage and tracking connections, the same study."""
-    spec, parent_id = job
+    spec, parent_id, worker, history = job
     runner = Runner(spec.results_dir, tracking_uri_override=spec.tracking_uri)
     study = optuna.load_study(
-        study_name=spec.study_name, storage=open_storage(spec.storage), sampler=_sampler(spec)
+        study_name=spec.study_name,
+        storage=open_storage(spec.storage),
+        sampler=_sampler(spec, stream=worker + 1, history=history),
     )
     _optimize(spec, study, runner, parent_id, spec.trials)
 

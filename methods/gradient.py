@@ -89,7 +89,7 @@ class FeatureParams(Params):
 class TracInParams(FeatureParams):
     normalize: bool = param(False, help="use gradient cosines instead of inner products")
     last_checkpoints: int = param(
-        0, help="use only the last N checkpoints (0 = all)", low=0, high=100, search=(0, 8)
+        0, help="use only the last N checkpoints (0 = all)", low=0, high=100, search=(0, 4)
     )
 
 

@@ -51,7 +51,7 @@ class TRAKParams(FeatureParams):
         help="ensemble over the last N checkpoints of each model (0 = all)",
         low=0,
         high=100,
-        search=(0, 8),
+        search=(0, 4),
     )
     models: int = param(
         1,

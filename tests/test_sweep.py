@@ -110,7 +110,10 @@ def test_rerunning_resumes_the_study_and_a_changed_space_is_refused(results_dir)
     storage = open_storage(_spec(results_dir).storage)
     assert len(optuna.load_study(study_name="study", storage=storage).trials) == 2
     run_sweep(_spec(results_dir, trials=3))  # one missing
-    assert len(optuna.load_study(study_name="study", storage=storage).trials) == 3
+    trials = optuna.load_study(study_name="study", storage=storage).trials
+    assert len(trials) == 3
+    # the resumed sampler does not replay the first run's suggestions
+    assert trials[2].params not in (trials[0].params, trials[1].params)
     _, runs = _runs(results_dir)
     assert sum(r.data.tags.get("harness.role") == "sweep" for r in runs) == 1  # one parent
 
@@ -172,6 +175,8 @@ def test_parallel_workers_share_a_journal_storage_without_extra_trials(results_d
     result = run_sweep(_spec(results_dir, jobs=2, trials=4, storage=storage))
     study = optuna.load_study(study_name="study", storage=open_storage(storage))
     assert len(study.trials) == 4 and result.complete == 4
+    # each worker draws its own suggestions
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
 
 
 def test_the_leaderboard_csv_round_trips_at_full_precision_and_plots_are_written(results_dir):
