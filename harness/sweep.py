@@ -27,6 +27,7 @@ database server URL (``postgresql://...``) serves workers on many machines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -359,29 +360,22 @@ def _optimize(
 
     def objective(trial: optuna.Trial) -> float | tuple[float, ...]:
         sampled = {name: _suggest(trial, name, d) for name, d in space.items()}
-        try:
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            ROLE_TAG: "trial",
+            "optuna.study_name": spec.study_name,
+            "optuna.trial": str(trial.number),
+        }
+        try:  # combinations the method refuses, and layer selections or ranks the model
+            # cannot take, fail before any work
             params = dataclasses.replace(plan.methods[0].params, **sampled)
-        except (ParameterError, ValueError) as error:  # a combination the method refuses
-            trial.set_user_attr("error", str(error))
-            raise
-        method = type(plan.methods[0])(params, seed=spec.seed)
-        try:  # layer selections and ranks the model cannot take fail before any work
+            method = type(plan.methods[0])(params, seed=spec.seed)
             method.check_model(skeleton, checkpoints=len(bundle.checkpoints))
-        except ParameterError as error:
+        except (ParameterError, ValueError) as error:
             trial.set_user_attr("error", str(error))
+            _record_refusal(runner, spec, trial.number, sampled, tags, error)
             raise
-        outcome = runner.run_method(
-            method,
-            plan,
-            bundle,
-            truth,
-            tags={
-                "mlflow.parentRunId": parent_id,
-                ROLE_TAG: "trial",
-                "optuna.study_name": spec.study_name,
-                "optuna.trial": str(trial.number),
-            },
-        )
+        outcome = runner.run_method(method, plan, bundle, truth, tags=tags)
         trial.set_user_attr("mlflow_run_id", outcome.run_id or "")
         if outcome.status != "FINISHED":
             trial.set_user_attr("error", outcome.error or "failed")
@@ -402,6 +396,19 @@ def _optimize(
         callbacks=[stop],
         gc_after_trial=True,
     )
+
+
+def _record_refusal(
+    runner: Runner, spec: SweepSpec, number: int, sampled: dict, tags: dict, error: Exception
+) -> None:
+    """A nested MLflow run, FAILED with the reason, for a trial refused before any work."""
+    name = f"{spec.method}-{spec.task}-{spec.scale}-trial{number}"
+    with (
+        contextlib.suppress(ParameterError, ValueError),
+        runner.tracker.run(task=spec.task, name=name, tags={**tags, "method": spec.method}) as run,
+    ):
+        run.log_params({f"method.{key}": value for key, value in sampled.items()})
+        raise error
 
 
 def _suggest(trial: optuna.Trial, name: str, distribution):

@@ -197,3 +197,45 @@ def test_pareto_front_keeps_the_points_nothing_beats_on_both_axes():
     seconds = np.array([1.0, 2.0, 3.0, 0.5, 2.5])
     value = np.array([0.5, 0.7, 0.6, 0.1, 0.9])
     assert sorted(pareto_front(seconds, value).tolist()) == [0, 1, 3, 4]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankParams(Params):
+    rank: int = param(1, help="a rank the model may refuse", low=1, high=4)
+
+
+class Refusing(Method):
+    """Refuses ranks above 2 in ``check_model``, as a layer selection can be refused."""
+
+    name, family = "refusing", "baseline"
+    Params = RankParams
+
+    def check_model(self, model, *, checkpoints):
+        if self.params.rank > 2:
+            raise ParameterError(f"rank={self.params.rank} exceeds what the model takes (2)")
+
+    def score(self, bundle, queries):
+        return np.random.default_rng(self.params.rank).random(
+            (len(queries), len(bundle.data.documents))
+        )
+
+
+def test_a_trial_refused_before_any_work_is_a_failed_nested_run_with_its_reason(
+    results_dir, monkeypatch
+):
+    METHODS.names()
+    monkeypatch.setitem(METHODS._classes, "refusing", Refusing)
+    run_sweep(_spec(results_dir, method="refusing", trials=6))
+    study = optuna.load_study(study_name="study", storage=open_storage(_spec(results_dir).storage))
+    refused = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert refused and all(t.params["rank"] > 2 for t in refused)
+    _, runs = _runs(results_dir)
+    failed_runs = {
+        int(r.data.tags["optuna.trial"]): r
+        for r in runs
+        if r.data.tags.get("harness.role") == "trial" and r.info.status == "FAILED"
+    }
+    for trial in refused:
+        run = failed_runs[trial.number]
+        assert "exceeds what the model takes" in run.data.tags["error"]
+        assert run.data.params["method.rank"] == str(trial.params["rank"])
