@@ -198,6 +198,19 @@ class Fact:
     value: str
 
 
+# the model of every task's scale `tiny`: trains in seconds, for tests
+TINY_RECIPE = TrainRecipe(
+    depth=1,
+    width=32,
+    heads=2,
+    steps=300,
+    batch_size=16,
+    learning_rate=5e-3,
+    warmup_steps=10,
+    checkpoints=3,
+)
+
+
 class FactsTask(Task, name="facts"):
     description = "synthetic facts about invented people, planted into Jargon File paragraphs"
     primary_metric = "mrr"
@@ -211,16 +224,7 @@ class FactsTask(Task, name="facts"):
                 min_statements=2,
                 max_statements=3,
             ),
-            TrainRecipe(
-                depth=1,
-                width=32,
-                heads=2,
-                steps=300,
-                batch_size=16,
-                learning_rate=5e-3,
-                warmup_steps=10,
-                checkpoints=3,
-            ),
+            TINY_RECIPE,
             help="seconds; for tests",
         ),
         "small": Scale(

@@ -25,7 +25,7 @@ from harness.task import Scale, Task
 from harness.tokenizer import split_words
 from harness.training import TrainRecipe
 from tasks.corpus import JARGON_FILE, background_paragraphs
-from tasks.facts import RELATIONS, Fact, invent_names, plant_facts
+from tasks.facts import RELATIONS, TINY_RECIPE, Fact, invent_names, plant_facts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +82,7 @@ class OwnersTask(Task, name="owners"):
                 min_statements=2,
                 max_statements=3,
             ),
-            TrainRecipe(
-                depth=1,
-                width=32,
-                heads=2,
-                steps=300,
-                batch_size=16,
-                learning_rate=5e-3,
-                warmup_steps=10,
-                checkpoints=3,
-            ),
+            TINY_RECIPE,
             help="seconds; for tests",
         ),
         # the epochs of facts/small (128) on 400 documents
