@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -239,3 +241,24 @@ def test_a_trial_refused_before_any_work_is_a_failed_nested_run_with_its_reason(
         run = failed_runs[trial.number]
         assert "exceeds what the model takes" in run.data.tags["error"]
         assert run.data.params["method.rank"] == str(trial.params["rank"])
+
+
+def test_a_fidelity_cost_study_reports_its_pareto_front(results_dir):
+    result = run_sweep(_spec(results_dir, objectives=("mrr", "cost"), trials=4))
+    front = result.best
+    assert front and all(set(entry["values"]) == {"mrr", "cost"} for entry in front)
+    # no member of the front is beaten on both objectives by another trial
+    study = optuna.load_study(study_name="study", storage=open_storage(_spec(results_dir).storage))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for entry in front:
+        mrr, cost = entry["values"]["mrr"], entry["values"]["cost"]
+        assert not any(
+            t.values[0] >= mrr and t.values[1] <= cost and tuple(t.values) != (mrr, cost)
+            for t in done
+        )
+    assert [e["values"]["mrr"] for e in front] == sorted(
+        (e["values"]["mrr"] for e in front), reverse=True
+    )  # best fidelity first: the member evaluated on held-out queries
+    client, _ = _runs(results_dir)
+    stored = client.download_artifacts(result.parent_run_id, "best_trials.json")
+    assert len(json.loads(Path(stored).read_text())) == len(front)
