@@ -19,13 +19,17 @@ from safetensors.torch import load_file, save_file
 import harness
 from harness.cache import Cache, code_fingerprint, content_key
 from harness.data import Query, Sequences, TaskData, encode_completions, encode_documents
-from harness.model import GPT, GPTConfig, sequence_losses
+from harness.errors import ParameterError
+from harness.model import sequence_losses
 from harness.params import Params
+from harness.pretrained import PretrainedTokenizer, fingerprint
 from harness.task import Task
 from harness.tokenizer import WordTokenizer
-from harness.training import Checkpoint, TrainingResult, TrainRecipe, train
+from harness.training import Checkpoint, ModelConfig, TrainingResult, TrainRecipe, train
 
 _logger = logging.getLogger(__name__)
+
+Tokenizer = WordTokenizer | PretrainedTokenizer
 
 _MODEL_CODE = [
     Path(harness.__file__).with_name(f)
@@ -41,9 +45,9 @@ class Bundle:
     scale: str
     seed: int
     data: TaskData
-    tokenizer: WordTokenizer
+    tokenizer: Tokenizer
     recipe: TrainRecipe
-    model_config: GPTConfig
+    model_config: ModelConfig
     checkpoints: list[Checkpoint]  # in training order; the last is the final model
     heldout_loss: float
     learned: dict[str, bool]  # query id -> the model produces its target
@@ -59,9 +63,9 @@ class Bundle:
     def __post_init__(self) -> None:
         self.setup_key = self.setup_key or self.model_key
 
-    def model(self, checkpoint: int = -1) -> GPT:
+    def model(self, checkpoint: int = -1) -> torch.nn.Module:
         """A fresh model in eval mode holding the weights of one checkpoint."""
-        model = GPT(self.model_config)
+        model = self.model_config.build()
         model.load_weights(self.checkpoints[checkpoint].state)
         return model.eval()
 
@@ -126,7 +130,7 @@ class Bundle:
     def _with_random_weights(self, variant: int, *, member: int) -> Bundle:
         with torch.random.fork_rng(devices=[]):  # leaves the caller's random state alone
             torch.manual_seed(_randomized_seed(self.seed, variant, member))
-            weights = GPT(self.model_config).weights()
+            weights = self.model_config.build_random().weights()
         return dataclasses.replace(
             self,
             checkpoints=[
@@ -147,19 +151,22 @@ class Bundle:
 
 def prepare_task_data(task: Task, scale: str, *, seed: int, cache: Cache) -> TaskData:
     """The task's data alone (built or loaded; seconds): enough to check settings against."""
-    return _task_data(task, scale, task.scale(scale).config, seed=seed, cache=cache)[0]
+    return _task_data(task, scale, task.settings(scale).config, seed=seed, cache=cache)[0]
 
 
 def prepare_bundle(
     task: Task, scale: str, *, seed: int, cache: Cache, train: bool = True
 ) -> Bundle:
     """The task's data and trained model, from the cache or built; ``train=False`` only loads."""
-    preset = task.scale(scale)
+    preset = task.settings(scale)
     data, data_key = _task_data(task, scale, preset.config, seed=seed, cache=cache)
     model_key = content_key(
         {
             "data": data_key,
             "recipe": preset.recipe.to_dict(),
+            "pretrained": fingerprint(preset.recipe.pretrained)
+            if preset.recipe.pretrained
+            else "",
             "code": code_fingerprint(_MODEL_CODE),
             "torch": torch.__version__,
         }
@@ -188,6 +195,7 @@ def _task_data(
             "config": config.to_dict(),
             "seed": seed,
             "code": code_fingerprint(task.source_files()),
+            "inputs": code_fingerprint(task.input_files(config)),
         }
     )
     path = cache.path("tasks", key) / "task.json"
@@ -217,19 +225,25 @@ def _train_and_store(
     data: TaskData, recipe: TrainRecipe, *, seed: int, cache: Cache, key: str
 ) -> None:
     texts = [document.text for document in data.documents]
-    tokenizer = WordTokenizer.fit(
-        texts, min_count=recipe.min_word_count, reserved=data.reserved_words
-    )
+    if recipe.pretrained:
+        tokenizer = PretrainedTokenizer(recipe.pretrained)
+    else:
+        tokenizer = WordTokenizer.fit(
+            texts, min_count=recipe.min_word_count, reserved=data.reserved_words
+        )
     _check_fits_context(data, tokenizer, context=recipe.context)
     config = recipe.model_config(len(tokenizer))
     documents = encode_documents(texts, tokenizer, context=recipe.context)
     heldout = encode_documents(list(data.heldout_texts), tokenizer, context=recipe.context)
 
-    # the initial weights train() starts from: how many queries pass by chance
+    # the initial weights train() starts from: how many queries pass by chance (or, for a
+    # pretrained model, how many it knew before fine-tuning)
     torch.manual_seed(seed)
-    untrained = _learned(GPT(config).eval(), data.queries, tokenizer, context=recipe.context)
+    initial = config.build().eval()
+    _check_vocabulary(initial, tokenizer)
+    untrained = _learned(initial, data.queries, tokenizer, context=recipe.context)
     result = train(config, documents, heldout, recipe, seed=seed)
-    model = GPT(config)
+    model = config.build()
     model.load_weights(result.checkpoints[-1].state)
     learned = _learned(model.eval(), data.queries, tokenizer, context=recipe.context)
 
@@ -238,7 +252,19 @@ def _train_and_store(
         "learned_fraction_untrained": sum(untrained.values()) / len(untrained),
         "vocab_size": len(tokenizer),
     }
-    store_model(cache, key, result, details, tokenizer=tokenizer)
+    # a pretrained model's tokenizer stays in its own folder
+    store_model(cache, key, result, details, tokenizer=None if recipe.pretrained else tokenizer)
+
+
+def _check_vocabulary(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None and hasattr(model, "inner"):
+        embeddings = model.inner.get_input_embeddings()
+    if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model embeds only "
+            f"{embeddings.num_embeddings}; the model and tokenizer folders do not match"
+        )
 
 
 def store_model(
@@ -269,25 +295,32 @@ def store_model(
             tokenizer.save(staging / "tokenizer.json")
 
 
-def _check_fits_context(data: TaskData, tokenizer: WordTokenizer, *, context: int) -> None:
+def _check_fits_context(data: TaskData, tokenizer: Tokenizer, *, context: int) -> None:
     """Refuse, before training, documents the model would see truncated or queries too long."""
     lengths = {d.id: len(tokenizer.encode(d.text)) for d in data.documents}
     too_long = sorted(doc_id for doc_id, n in lengths.items() if n > context)
     if too_long:
-        raise ValueError(
+        raise ParameterError(
             f"{len(too_long)} documents exceed the model's context of {context} tokens "
             f"(longest {max(lengths.values())}, e.g. {too_long[:3]}); they would be truncated "
             "and their ground truth lost. Shorten them or raise the recipe's context."
         )
     for query in data.queries:
-        encode_completions([query.prompt], [query.target], tokenizer, context=context)
+        try:
+            encode_completions([query.prompt], [query.target], tokenizer, context=context)
+        except ValueError as error:
+            raise ParameterError(f"query {query.id!r}: {error}") from None
 
 
 def _load_bundle(
     task: str, scale: str, seed: int, data: TaskData, recipe: TrainRecipe, cache: Cache, key: str
 ) -> Bundle:
     folder, manifest = cache.path("models", key), cache.manifest("models", key)
-    tokenizer = WordTokenizer.load(folder / "tokenizer.json")
+    tokenizer = (
+        PretrainedTokenizer(recipe.pretrained)
+        if recipe.pretrained
+        else WordTokenizer.load(folder / "tokenizer.json")
+    )
     return Bundle(
         task=task,
         scale=scale,
@@ -331,7 +364,7 @@ def _replica_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def _learned(
-    model: GPT, queries: Sequence[Query], tokenizer: WordTokenizer, *, context: int
+    model: torch.nn.Module, queries: Sequence[Query], tokenizer: Tokenizer, *, context: int
 ) -> dict[str, bool]:
     """A query counts as learned when its target is the likeliest of its candidates."""
     learned = {}

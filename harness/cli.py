@@ -135,6 +135,33 @@ def list_command() -> None:
         for scale, preset in cls.scales.items():
             default = " (default)" if scale == cls.default_scale else ""
             click.echo(f"      --scale {scale}{default}: {preset.help}")
+        for p in cls.scale(cls.default_scale).config.describe():
+            click.echo(
+                f"      --task-param {p['name']}={p['default']!r} "
+                f"({p['type']}{_bounds(p)}): {p['help']}"
+            )
+    _echo_applicability()
+
+
+def _echo_applicability() -> None:
+    """Which method runs on which task: 'yes', or a numbered reason why not."""
+    tasks = list(TASKS)
+    reasons: list[str] = []
+    click.echo("\nWhere each method applies (`--method all` runs those marked yes):")
+    click.echo(" " * 12 + "".join(f"{t.name:<10}" for t in tasks))
+    for method in METHODS:
+        cells = []
+        for task in tasks:
+            reason = method.applies_to(task)
+            if reason is None:
+                cells.append("yes")
+                continue
+            if reason not in reasons:
+                reasons.append(reason)
+            cells.append(f"no ({reasons.index(reason) + 1})")
+        click.echo(f"  {method.name:<10}" + "".join(f"{c:<10}" for c in cells))
+    for number, reason in enumerate(reasons, start=1):
+        click.echo(f"  ({number}) {reason}")
 
 
 def _bounds(p: dict) -> str:
@@ -145,12 +172,23 @@ def _bounds(p: dict) -> str:
     return ""
 
 
-def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
+def _task_param_option(command: Callable) -> Callable:
+    return click.option(
+        "--task-param",
+        "task_params",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a task setting of the scale (see `harness list`), or model.KEY=VALUE "
+        "its model recipe; makes a task variant, ranked apart. Repeatable.",
+    )(command)
+
+
+def _parse_key_values(values: tuple[str, ...], *, option: str = "--param") -> dict[str, str]:
     pairs = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, but got {item!r}", param_hint="--param")
+            raise click.BadParameter(f"expected KEY=VALUE, but got {item!r}", param_hint=option)
         pairs[key.strip()] = value.strip()
     return pairs
 
@@ -173,6 +211,7 @@ def _parse_key_values(values: tuple[str, ...]) -> dict[str, str]:
     metavar="KEY=VALUE",
     help="Method parameter; METHOD.KEY=VALUE targets one method. Repeatable.",
 )
+@_task_param_option
 @click.option(
     "--lds/--no-lds",
     default=True,
@@ -235,6 +274,7 @@ def run(
     scale: str | None,
     seed: int,
     params: tuple[str, ...],
+    task_params: tuple[str, ...],
     lds: bool,
     pool_models: int,
     pool_fraction: float,
@@ -257,12 +297,13 @@ def run(
     )
     try:
         plan = plan_runs(
-            parse_method_names(methods),
+            parse_method_names(methods, task=task),
             task,
             scale=scale,
             seed=seed,
             overrides=_parse_key_values(params),
             evaluation=evaluation,
+            task_params=_parse_key_values(task_params, option="--task-param"),
         )
         runner = Runner(obj["results_dir"], tracking_uri_override=obj["tracking_uri"])
     except (HarnessError, ValueError, TypeError) as error:
@@ -432,6 +473,7 @@ def _print_own_model(o: RunOutcome) -> None:
     metavar="KEY=VALUE",
     help="Fix a parameter (it leaves the search space). Repeatable.",
 )
+@_task_param_option
 @click.option(
     "--seeds",
     default=None,
@@ -469,6 +511,7 @@ def sweep(
     study_name: str | None,
     jobs: int,
     params: tuple[str, ...],
+    task_params: tuple[str, ...],
     seeds: str | None,
     lds: bool,
     pool_models: int,
@@ -479,6 +522,8 @@ def sweep(
     try:
         task_class = TASKS.get(task)
         scale = scale or task_class.default_scale
+        task_overrides = _parse_key_values(task_params, option="--task-param")
+        variant = task_class(task_overrides).variant
         heldout_seeds = _parse_seeds(seeds) if seeds else (seed,)
         if storage is None:
             storage = (
@@ -496,13 +541,15 @@ def sweep(
             sampler=sampler,
             timeout=timeout,
             storage=storage,
-            study_name=study_name or sweep_module.default_study_name(method, task, scale, seed),
+            study_name=study_name
+            or sweep_module.default_study_name(method, task, scale, seed, variant),
             jobs=jobs,
             fixed=_parse_key_values(params),
             results_dir=results_dir,
             tracking_uri=obj["tracking_uri"],
             heldout_seeds=heldout_seeds,
             evaluation=Evaluation(lds=lds, pool_models=pool_models, reliability=reliability),
+            task_params=task_overrides,
         )
         sweep_module.check_spec(spec)
     except (HarnessError, ValueError, TypeError) as error:
@@ -547,8 +594,8 @@ def _cell(metrics: dict[str, float], name: str, width: int = 6) -> str:
     return f"{metrics[name]:>{width}.3f}" if name in metrics else f"{'-':>{width}}"
 
 
-LEADERBOARD_SHOWN = ["task", "scale", "queries", "rank", "method", "selection", "params", "seeds",
-                     "mrr", "mrr_ci_low",
+LEADERBOARD_SHOWN = ["task", "scale", "variant", "queries", "rank", "method", "selection",
+                     "params", "seeds", "mrr", "mrr_ci_low",
                      "mrr_ci_high", "recall_at_10", "auprc", "lds", "seed_stability",
                      "model_seed_stability", "randomization_correlation",
                      "owner_top1", "owner_spearman", "heldout_loss_delta",
@@ -594,6 +641,44 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None, plots: bool
 
         for path in write_plots(table, obj["results_dir"] / "plots"):
             click.echo(f"Wrote {path}")
+
+
+@main.command()
+@click.option("--task", required=True, help="A registered task (see `harness list`).")
+@click.option("--scale", default=None, help="Task scale preset; the task's default if omitted.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@_task_param_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for corpus.jsonl, queries.jsonl and heldout.jsonl.",
+)
+@_store_options
+def export(
+    obj: dict, task: str, scale: str | None, seed: int, task_params: tuple[str, ...], out: Path
+) -> None:
+    """Write a task's data as the JSONL files task `custom` reads: a template for your own."""
+    from harness.bundle import prepare_task_data
+    from harness.cache import Cache
+    from tasks.custom import write_task_files
+
+    try:
+        task_object = TASKS.get(task)(_parse_key_values(task_params, option="--task-param"))
+        scale = scale or task_object.default_scale
+        task_object.settings(scale)
+        data = prepare_task_data(
+            task_object, scale, seed=seed, cache=Cache(obj["results_dir"] / "cache")
+        )
+    except (HarnessError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+    for path in write_task_files(data, out):
+        click.echo(f"Wrote {path}")
+    click.echo(
+        f"Load them with: harness run --task custom --task-param corpus={out}/corpus.jsonl "
+        f"--task-param queries={out}/queries.jsonl --task-param heldout={out}/heldout.jsonl "
+        "--method ..."
+    )
 
 
 @main.command()

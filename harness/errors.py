@@ -33,5 +33,9 @@ class ParameterError(HarnessError, ValueError):
     """A parameter value of the wrong type or outside its valid range."""
 
 
+class InputFileError(ParameterError):
+    """A user's data file the task cannot use; the message names the file, line and field."""
+
+
 class ScoresNotFiniteError(HarnessError, ArithmeticError):
     """A method produced NaN or infinite scores; its run is failed, never ranked."""

@@ -75,8 +75,23 @@ def select_parameters(model: nn.Module, layers: str) -> list[tuple[str, nn.Param
     return chosen
 
 
+HIDDEN_LINEAR = "hidden"  # every linear layer but the output head, whatever the model
+
+
 def select_linear_modules(model: nn.Module, layers: str) -> list[tuple[str, nn.Linear]]:
-    """Linear modules whose weight's name matches one of the glob ``layers``."""
+    """Linear modules whose weight's name matches one of the glob ``layers``.
+
+    ``"hidden"`` selects every linear layer except the output head (the module
+    ``model.get_output_embeddings()`` returns), on the harness's GPT and on a
+    pretrained model alike.
+    """
+    if layers.strip() == HIDDEN_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head
+        ]
     patterns = [p.strip() for p in layers.split(",") if p.strip()]
     chosen = [
         (name, module)

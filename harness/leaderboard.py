@@ -3,7 +3,8 @@
 Only FINISHED runs are read: a failed run (an error, or NaN scores) is never
 ranked (its ``failed_queries`` count stays in its MLflow run). A row is one
 configuration: a method with its parameters, on a task at a scale with its task
-settings and model recipe (``setup``, a hash of both).
+settings and model recipe (``setup``, a hash of both; ``variant`` names the
+settings a run overrode, such as ``paraphrase=true``).
 Parameters that change only memory use (declared ``memory_only=True``) do not split
 rows. Runs of a configuration with different seeds are pooled, and a repeated
 run of the same seed counts once: each metric from the latest run that has it,
@@ -32,7 +33,7 @@ from harness.evaluation import REMOVAL_KS
 from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.task import TASKS
-from harness.tracking import ROLE_TAG, TASK_TAG, open_client
+from harness.tracking import ROLE_TAG, TASK_TAG, VARIANT_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ OTHER = POOL + REMOVAL + RELIABILITY + OWN_MODEL + UNLEARNING + COST + CONTEXT
 METRICS = FIDELITY + INTERVALS + OTHER
 # ``queries``: all, or the held-out half of a sweep's split; ``selection``: for a sweep's
 # held-out runs, whether the configuration is the study's best or the method's default
-CONFIGURATION = ["task", "scale", "setup", "queries", "method", "params", "selection"]
+CONFIGURATION = ["task", "scale", "variant", "setup", "queries", "method", "params", "selection"]
 EXCLUDED_ROLES = ("sweep", "trial")  # a study's parent run and its trials: tuning, not results
 RANK_BY = "mrr"
 
@@ -88,6 +89,7 @@ def collect_runs(uri: str, *, tasks: Sequence[str] = ()) -> pl.DataFrame:
     schema = {
         "task": pl.String,
         "scale": pl.String,
+        "variant": pl.String,
         "setup": pl.String,
         "queries": pl.String,
         "method": pl.String,
@@ -114,6 +116,7 @@ def _run_row(task: str, run) -> dict:
     return {
         "task": task,
         "scale": run.data.tags.get("scale"),
+        "variant": run.data.tags.get(VARIANT_TAG, ""),
         "setup": content_key(setup)[:8],
         "queries": run.data.tags.get("queries", "all"),
         "method": method,
@@ -164,16 +167,34 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
     key = pl.when(key.is_nan()).then(None).otherwise(key)
     table = table.with_columns(
         key.rank(method="min", descending=True)
-        .over("task", "scale", "setup", "queries")
+        .over("task", "scale", "variant", "setup", "queries")
         .alias("rank")
     )
-    ordered = ["task", "scale", "setup", "queries", "rank", "method", "selection", "params"]
+    ordered = [
+        "task",
+        "scale",
+        "variant",
+        "setup",
+        "queries",
+        "rank",
+        "method",
+        "selection",
+        "params",
+    ]
     ordered += ["n_runs", "seeds"]
     ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
     ordered += OTHER
     return table.select(ordered).sort(
-        "task", "scale", "setup", "queries", "rank", "method", "selection", nulls_last=True
+        "task",
+        "scale",
+        "variant",
+        "setup",
+        "queries",
+        "rank",
+        "method",
+        "selection",
+        nulls_last=True,
     )
 
 

@@ -54,6 +54,7 @@ from harness.bundle import Bundle
 from harness.data import Query, TaskData
 from harness.params import Params
 from harness.registry import Registry
+from harness.task import Task
 
 FAMILIES = ("baseline", "gradient", "datamodel", "retrieval", "experts")
 
@@ -125,6 +126,16 @@ class Method(abc.ABC):
         check = getattr(self.params, "check_model", None)
         if check is not None:
             check(model, checkpoints=checkpoints)
+
+    @classmethod
+    def applies_to(cls, task: type[Task]) -> str | None:
+        """Why the method cannot run on tasks of this kind, or ``None`` when it can.
+
+        ``harness list`` shows the answer for every method and task; ``--method all``
+        leaves out the methods that do not apply, and naming one is refused with the
+        reason. By default a method applies to every task.
+        """
+        return None
 
     def check_task(self, data: TaskData) -> None:  # noqa: B027 (optional check)
         """Refuse, before any training, parameters the task's data rules out.

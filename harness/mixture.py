@@ -24,13 +24,14 @@ from collections.abc import Collection
 import torch
 
 from harness.data import Sequences
-from harness.model import GPT
 
 WEIGHTINGS = ("uniform", "prompt")
 
 
 @torch.no_grad()
-def token_logprobs(model: GPT, sequences: Sequences, *, batch_size: int = 128) -> torch.Tensor:
+def token_logprobs(
+    model: torch.nn.Module, sequences: Sequences, *, batch_size: int = 128
+) -> torch.Tensor:
     """log p(target token | inputs so far) at every position, (n, T); 0 where padding."""
     rows = []
     for start in range(0, len(sequences), batch_size):

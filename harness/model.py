@@ -30,6 +30,14 @@ class GPTConfig:
                 f"width must be divisible by heads, but got {self.width} and {self.heads}"
             )
 
+    def build(self) -> GPT:
+        """A model with fresh weights drawn from torch's random state (training starts here)."""
+        return GPT(self)
+
+    def build_random(self) -> GPT:
+        """The same: for a model trained from scratch, fresh weights are its starting point."""
+        return GPT(self)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -98,6 +106,10 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied weight counts once
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output head (the name transformers models use for it)."""
+        return self.head
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A detached copy of the state without the head's alias of the token embedding."""

@@ -73,6 +73,16 @@ class Params:
     @classmethod
     def from_strings(cls, overrides: Mapping[str, str]) -> Params:
         """Build from ``KEY=VALUE`` strings as typed on a command line."""
+        return cls(**cls._parse_strings(overrides))
+
+    def with_strings(self, overrides: Mapping[str, str]) -> Params:
+        """A copy with ``KEY=VALUE`` strings applied, validated like a new set."""
+        if not overrides:
+            return self
+        return dataclasses.replace(self, **self._parse_strings(overrides))
+
+    @classmethod
+    def _parse_strings(cls, overrides: Mapping[str, str]) -> dict[str, Any]:
         hints = get_type_hints(cls)
         fields = {field.name: field for field in dataclasses.fields(cls)}
         values = {}
@@ -83,7 +93,7 @@ class Params:
                 raise TypeError(f"from_strings takes strings, but {key!r} is {text!r}; "
                                 f"pass typed values to {cls.__name__}(...) instead")  # fmt: skip
             values[key] = _parse(key, text, hints[key], fields[key].metadata)
-        return cls(**values)
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

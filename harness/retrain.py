@@ -32,8 +32,8 @@ import harness
 from harness.cache import code_fingerprint, content_key
 from harness.data import Sequences, encode_completions, encode_documents
 from harness.executor import Executor, default_executor, describe
-from harness.model import GPT, GPTConfig, sequence_losses
-from harness.training import TrainRecipe, train
+from harness.model import sequence_losses
+from harness.training import ModelConfig, TrainRecipe, train
 
 _logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class RetrainJob:
     index: int
     seed: int
     kept: np.ndarray  # indices of the training documents kept, sorted
-    config: GPTConfig
+    config: ModelConfig
     recipe: TrainRecipe  # the task's recipe; scaled to the subset when run
     documents: Sequences
     heldout: Sequences
@@ -98,7 +98,7 @@ def run_retrain(job: RetrainJob) -> RetrainResult:
     recipe = subset_recipe(job.recipe, len(job.kept) / len(job.documents))
     kept = job.documents[torch.as_tensor(job.kept, dtype=torch.long)]
     result = train(job.config, kept, job.heldout, recipe, seed=job.seed)
-    model = GPT(job.config)
+    model = job.config.build()
     model.load_weights(result.checkpoints[-1].state)
     return RetrainResult(
         target_logprobs(model.eval(), job.queries), result.heldout_loss, result.seconds
@@ -106,7 +106,9 @@ def run_retrain(job: RetrainJob) -> RetrainResult:
 
 
 @torch.no_grad()
-def target_logprobs(model: GPT, queries: Sequences, *, batch_size: int = 256) -> np.ndarray:
+def target_logprobs(
+    model: torch.nn.Module, queries: Sequences, *, batch_size: int = 256
+) -> np.ndarray:
     values = []
     for start in range(0, len(queries), batch_size):
         batch = queries[start : start + batch_size]

@@ -23,13 +23,12 @@ from harness.errors import ParameterError, ScoresNotFiniteError, UnknownNameErro
 from harness.evaluation import Evaluation, lds_metrics, reliability_metrics, removal_metrics
 from harness.method import METHODS, Method
 from harness.metrics import query_metrics, summarize
-from harness.model import GPT
 from harness.owners import OwnerEffects, leave_one_owner_out, owner_metrics
 from harness.resources import CostMeter
 from harness.retrain import SubsetPool, build_pool
 from harness.splits import QUERY_SETS, select_queries
 from harness.task import TASKS, Task
-from harness.tracking import Tracker, code_version, tracking_uri
+from harness.tracking import VARIANT_TAG, Tracker, code_version, tracking_uri
 from harness.unlearning import RemovableShards, never_seen_in_pool, unlearning_metrics
 
 _logger = logging.getLogger(__name__)
@@ -64,10 +63,16 @@ class RunOutcome:
     error: str | None = None
 
 
-def parse_method_names(text: str) -> list[str]:
-    """``"all"``, one name, or a comma-separated list; each name checked against the registry."""
+def parse_method_names(text: str, *, task: str | None = None) -> list[str]:
+    """``"all"``, one name, or a comma-separated list; each name checked against the registry.
+
+    With a ``task``, ``"all"`` means every method that applies to it.
+    """
     if text.strip() == "all":
-        return METHODS.names()
+        if task is None:
+            return METHODS.names()
+        task_class = TASKS.get(task)
+        return [cls.name for cls in METHODS if cls.applies_to(task_class) is None]
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise UnknownNameError("method", text, METHODS.names())
@@ -85,8 +90,12 @@ def plan_runs(
     overrides: Mapping[str, str],
     evaluation: Evaluation | None = None,
     queries: str = "all",
+    task_params: Mapping[str, str] | None = None,
 ) -> RunPlan:
-    """Check every name and parameter; raise before any expensive work."""
+    """Check every name and parameter; raise before any expensive work.
+
+    ``task_params`` override the scale's task settings (``model.KEY`` its model recipe).
+    """
     if isinstance(method_names, str):
         raise TypeError("method_names must be a sequence of names; use parse_method_names(text)")
     if not method_names:
@@ -95,24 +104,31 @@ def plan_runs(
         raise ParameterError(f"seed must be a non-negative integer, but got {seed!r}")
     task_class = TASKS.get(task_name)
     scale = scale or task_class.default_scale
-    task_class.scale(scale)
+    task = task_class(task_params)
+    settings = task.settings(scale)
     evaluation = evaluation or Evaluation()
     evaluation.check()
     if queries not in QUERY_SETS:
         raise UnknownNameError("query set", queries, QUERY_SETS)
     method_classes = [METHODS.get(name) for name in method_names]
+    for cls in method_classes:
+        reason = cls.applies_to(task_class)
+        if reason is not None:
+            raise ParameterError(
+                f"method {cls.name!r} does not apply to task {task_name!r}: {reason}"
+            )
     per_method = _split_overrides(method_classes, overrides)
     methods = tuple(
         cls(cls.Params.from_strings(per_method[cls.name]), seed=seed) for cls in method_classes
     )
     # the model's structure is known from the recipe before training: a skeleton of it
     # lets methods refuse layer selections that match nothing, without waiting minutes
-    recipe = task_class.scale(scale).recipe
-    skeleton = GPT(recipe.model_config(vocab_size=16))
+    recipe = settings.recipe
+    skeleton = recipe.model_config(vocab_size=16).build()
     for method in methods:
         method.check_model(skeleton, checkpoints=recipe.checkpoints)
     return RunPlan(
-        task=task_class(),
+        task=task,
         scale=scale,
         seed=seed,
         methods=methods,
@@ -205,7 +221,8 @@ class Runner:
         tags: Mapping[str, str] | None = None,
     ) -> RunOutcome:
         """One tracked run of a fitted-and-scored method; ``tags`` are added to the run's."""
-        name = f"{method.name}-{plan.task.name}-{plan.scale}-seed{plan.seed}"
+        variant = f"[{plan.task.variant}]" if plan.task.variant else ""
+        name = f"{method.name}-{plan.task.name}{variant}-{plan.scale}-seed{plan.seed}"
         if plan.queries != "all":
             name += f"-{plan.queries}"
         tags = {
@@ -215,6 +232,7 @@ class Runner:
             "family": method.family,
             "task": plan.task.name,
             "scale": plan.scale,
+            VARIANT_TAG: plan.task.variant,
             "code_version": code_version(),
             "data_hash": bundle.data.fingerprint(),
             "model_key": bundle.model_key,
@@ -251,7 +269,7 @@ def _run_params(method: Method, plan: RunPlan, bundle: Bundle) -> dict[str, obje
     }
     params |= {f"method.{k}": v for k, v in method.params.to_dict().items()}
     params |= {f"model.{k}": v for k, v in bundle.recipe.to_dict().items()}
-    params |= {f"task.{k}": v for k, v in plan.task.scale(plan.scale).config.to_dict().items()}
+    params |= {f"task.{k}": v for k, v in plan.task.settings(plan.scale).config.to_dict().items()}
     evaluation = plan.evaluation
     if evaluation.lds:
         params |= {"lds.pool_models": evaluation.pool_models}

@@ -79,6 +79,7 @@ class SweepSpec:
     tracking_uri: str | None
     heldout_seeds: tuple[int, ...]
     evaluation: Evaluation
+    task_params: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def directions(self) -> list[str]:
@@ -90,7 +91,7 @@ class SweepSpec:
         space = {
             name: distribution_json(d) for name, d in search_space(method, self.fixed).items()
         }
-        return {
+        signature = {
             "method": self.method,
             "task": self.task,
             "scale": self.scale,
@@ -99,6 +100,9 @@ class SweepSpec:
             "fixed": dict(sorted(self.fixed.items())),
             "space": space,
         }
+        if self.task_params:  # absent for a preset task, as in studies made before variants
+            signature["task_params"] = dict(sorted(self.task_params.items()))
+        return signature
 
 
 def distribution_json(distribution) -> str:
@@ -128,7 +132,8 @@ def parse_objectives(text: str | None, task: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def default_study_name(method: str, task: str, scale: str, seed: int) -> str:
+def default_study_name(method: str, task: str, scale: str, seed: int, variant: str = "") -> str:
+    task = f"{task}[{variant}]" if variant else task
     return f"{method}-{task}-{scale}-seed{seed}"
 
 
@@ -149,7 +154,14 @@ def open_storage(url: str):
 def check_spec(spec: SweepSpec) -> None:
     """Refuse, before any work, what cannot run."""
     method = METHODS.get(spec.method)
-    plan_runs([spec.method], spec.task, scale=spec.scale, seed=spec.seed, overrides=spec.fixed)
+    plan_runs(
+        [spec.method],
+        spec.task,
+        scale=spec.scale,
+        seed=spec.seed,
+        overrides=spec.fixed,
+        task_params=spec.task_params,
+    )
     if not search_space(method, spec.fixed):
         raise ParameterError(
             f"method {spec.method!r} has nothing to tune"
@@ -271,6 +283,7 @@ def _plan(spec: SweepSpec, params: Mapping[str, str], queries: str, evaluation) 
         overrides=params,
         evaluation=evaluation,
         queries=queries,
+        task_params=spec.task_params,
     )
 
 
@@ -296,7 +309,7 @@ def _difference(key: str, stored, wanted) -> str:
             f"search space (stored: {', '.join(stored) or 'none'}; "
             f"now: {', '.join(wanted) or 'none'}; or their ranges differ)"
         )
-    label = {"fixed": "fixed parameters"}.get(key, key)
+    label = {"fixed": "fixed parameters", "task_params": "task settings"}.get(key, key)
     return f"{label} (stored: {stored}; now: {wanted})"
 
 
@@ -476,6 +489,7 @@ def _evaluate_heldout(
                 overrides=params,
                 evaluation=spec.evaluation,
                 queries="heldout",
+                task_params=spec.task_params,
             )
             bundle, truth = runner.prepare(plan)
             outcome = runner.run_method(

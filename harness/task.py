@@ -5,6 +5,10 @@ documents, queries with their ground truth, held-out text, and a recipe for the
 reference model. Subclasses register by name::
 
     class FactsTask(Task, name="facts"): ...
+
+A scale is a named preset of the task's settings and model recipe; a task
+object may carry ``KEY=VALUE`` overrides of either (``model.KEY`` for the
+recipe), which make a variant of the task (``harness run --task-param``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +48,9 @@ class Scale:
     help: str
 
 
+RECIPE_PREFIX = "model."  # an override of the model recipe rather than of the task
+
+
 class Task(abc.ABC):
     """Builds the data of one kind of attribution problem at a chosen scale."""
 
@@ -57,6 +65,35 @@ class Task(abc.ABC):
         if name is not None:
             cls.name = name
             TASKS.add(name, cls)
+
+    def __init__(self, overrides: Mapping[str, str] | None = None) -> None:
+        self.overrides = dict(overrides or {})
+
+    @property
+    def variant(self) -> str:
+        """The overrides as ``key=value,...`` in name order; empty for the presets."""
+        return ",".join(f"{key}={self.overrides[key]}" for key in sorted(self.overrides))
+
+    def settings(self, scale: str) -> Scale:
+        """The scale's preset with this task's overrides applied and validated."""
+        preset = self.scale(scale)
+        recipe_keys = {
+            key.removeprefix(RECIPE_PREFIX): value
+            for key, value in self.overrides.items()
+            if key.startswith(RECIPE_PREFIX)
+        }
+        config_keys = {k: v for k, v in self.overrides.items() if not k.startswith(RECIPE_PREFIX)}
+        config = preset.config.with_strings(config_keys)
+        recipe = self.recipe(config, preset.recipe.with_strings(recipe_keys))
+        return Scale(config, recipe, preset.help)
+
+    def recipe(self, config: Params, recipe: TrainRecipe) -> TrainRecipe:
+        """The model recipe for these settings; by default the scale's own."""
+        return recipe
+
+    def input_files(self, config: Params) -> list[Path]:
+        """Files these settings read (a user's corpus): their content keys the cached data."""
+        return []
 
     @classmethod
     def scale(cls, name: str) -> Scale:

@@ -26,6 +26,7 @@ _logger = logging.getLogger(__name__)
 
 TASK_TAG = "harness.task"
 ROLE_TAG = "harness.role"  # "sweep" on a study's parent run, "trial" on its trials
+VARIANT_TAG = "task_variant"  # the task's setting overrides (key=value,...); empty for presets
 MAX_PARAM_LENGTH = 6000
 
 

@@ -12,13 +12,18 @@ import math
 import time
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from harness.data import Sequences
-from harness.model import GPT, GPTConfig, sequence_losses
+from harness.model import GPTConfig, sequence_losses
 from harness.params import Params, param
+from harness.pretrained import PretrainedConfig, check_model_dir, fingerprint
 
 _logger = logging.getLogger(__name__)
+
+# what a recipe's model is built from: the harness's GPT, or a local pretrained model
+ModelConfig = GPTConfig | PretrainedConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,12 @@ class TrainRecipe(Params):
         4, help="checkpoints kept, evenly spaced, the last at the end", low=1, high=100
     )
     min_word_count: int = param(2, help="words seen fewer times become <unk>", low=1, high=100)
+    pretrained: str = param(
+        "",
+        help="a local Hugging Face causal-LM folder to fine-tune instead of training the GPT "
+        "(its own tokenizer; depth, width, heads and min_word_count then unused)",
+        tune=False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,12 +64,17 @@ class TrainRecipe(Params):
             raise ValueError(
                 f"heads must divide width, but got heads={self.heads}, width={self.width}"
             )
+        if self.pretrained:
+            check_model_dir(self.pretrained)
         if self.checkpoints > self.steps:
             raise ValueError(
                 f"checkpoints ({self.checkpoints}) cannot exceed steps ({self.steps})"
             )
 
-    def model_config(self, vocab_size: int) -> GPTConfig:
+    def model_config(self, vocab_size: int) -> GPTConfig | PretrainedConfig:
+        """What builds the model: the GPT's shape, or the pretrained model's folder."""
+        if self.pretrained:
+            return PretrainedConfig(self.pretrained, self.context, fingerprint(self.pretrained))
         return GPTConfig(
             vocab_size=vocab_size,
             context=self.context,
@@ -98,7 +114,7 @@ class TrainingResult:
 
 
 def train(
-    config: GPTConfig,
+    config: ModelConfig,
     examples: Sequences,
     heldout: Sequences,
     recipe: TrainRecipe,
@@ -111,7 +127,7 @@ def train(
     The result depends only on the inputs.
     """
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = config.build()
     if initial is not None:
         model.load_weights(initial)
     optimizer = _optimizer(model, recipe)
@@ -157,7 +173,7 @@ def train(
     return TrainingResult(checkpoints, heldout_loss, train_loss, seconds)
 
 
-def _optimizer(model: GPT, recipe: TrainRecipe) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
     # no weight decay on biases, norms and embeddings of positions
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2 and "position" not in name]
     no_decay = [
@@ -186,7 +202,7 @@ def _batch_order(n_examples: int, recipe: TrainRecipe, *, seed: int) -> list[tor
 
 
 @torch.no_grad()
-def mean_token_loss(model: GPT, sequences: Sequences, *, batch_size: int = 64) -> float:
+def mean_token_loss(model: nn.Module, sequences: Sequences, *, batch_size: int = 64) -> float:
     total, tokens = 0.0, 0.0
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]

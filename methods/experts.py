@@ -36,11 +36,10 @@ from harness.errors import ParameterError, UnknownNameError
 from harness.executor import default_executor
 from harness.method import METHODS, Method
 from harness.mixture import WEIGHTINGS, mixture_logprobs, responsibilities, token_logprobs
-from harness.model import GPT, GPTConfig
 from harness.params import Params, param
 from harness.partition import random_partition, topic_partition
 from harness.retrain import subset_recipe
-from harness.training import Checkpoint, TrainingResult, TrainRecipe, train
+from harness.training import Checkpoint, ModelConfig, TrainingResult, TrainRecipe, train
 
 _logger = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class ExpertJob:
     index: int
     seed: int
     kept: np.ndarray
-    config: GPTConfig
+    config: ModelConfig
     recipe: TrainRecipe
     documents: Sequences
     heldout: Sequences
@@ -253,7 +252,7 @@ class PartitionedExperts(Method, name="experts", family="experts"):
     def _random_expert(self, bundle: Bundle, shard: int) -> tuple[str, list[Checkpoint]]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._seed(bundle, shard) + 7_919 * (bundle.randomization + 1))
-            weights = GPT(bundle.model_config).weights()
+            weights = bundle.model_config.build_random().weights()
         checkpoints = [
             Checkpoint(c.step, c.learning_rate, {k: v.clone() for k, v in weights.items()})
             for c in bundle.checkpoints

@@ -91,9 +91,9 @@ class DataInfParams(FeatureParams):
 @dataclasses.dataclass(frozen=True)
 class EKFACParams(FeatureParams):
     layers: str = param(
-        "blocks.*",
-        help="globs over linear layers' weight names (the tied head's output factor is "
-        "vocabulary-sized, hence left out by default)",
+        "hidden",
+        help="globs over linear layers' weight names, or 'hidden': all but the output head "
+        "(whose output factor is vocabulary-sized, and tied to the embedding in the GPT)",
         tune=False,
     )
     projection: str = param("none", help="EK-FAC works on full gradients", choices=("none",))
@@ -122,7 +122,7 @@ def _refuse_tied(model: torch.nn.Module, modules: list[tuple[str, torch.nn.Linea
             raise ParameterError(
                 f"layer {name!r} shares its weight with {others}; "
                 "EK-FAC's curvature covers a linear layer alone, so choose layers without it "
-                "(the default 'blocks.*' does)"
+                "(the default 'hidden' does)"
             )
 
 

@@ -22,6 +22,7 @@ def _run(
     scale="small",
     setup="s1",
     task="facts",
+    variant="",
     queries="all",
     selection="",
     **metrics,
@@ -31,6 +32,7 @@ def _run(
     return {
         "task": task,
         "scale": scale,
+        "variant": variant,
         "setup": setup,
         "queries": queries,
         "method": method,

@@ -1,0 +1,288 @@
+"""Task ``custom``: a user's JSONL corpus and queries, with the GPT or a local transformers model."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harness.bundle import prepare_bundle, prepare_task_data
+from harness.cache import Cache
+from harness.cli import main
+from harness.errors import InputFileError, ParameterError
+from harness.model import sequence_losses
+from harness.runner import plan_runs
+from harness.task import TASKS
+from harness.tokenizer import split_words
+from tasks.custom import CustomTask, write_task_files
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def facts_files(tmp_path_factory) -> tuple[Path, object]:
+    """The facts task at scale tiny, written as custom-task files."""
+    folder = tmp_path_factory.mktemp("facts-files")
+    task = TASKS.get("facts")()
+    data = prepare_task_data(task, "tiny", seed=0, cache=Cache(folder / "cache"))
+    write_task_files(data, folder / "files")
+    return folder / "files", data
+
+
+def _settings(folder: Path, **extra: str) -> dict[str, str]:
+    return {
+        "corpus": str(folder / "corpus.jsonl"),
+        "queries": str(folder / "queries.jsonl"),
+        "heldout": str(folder / "heldout.jsonl"),
+        **extra,
+    }
+
+
+def _build(settings: dict[str, str], seed: int = 0):
+    task = CustomTask(settings)
+    return task.build(task.settings("tiny").config, seed=seed)
+
+
+def test_exported_files_load_back_as_the_same_task(facts_files):
+    folder, original = facts_files
+    loaded = _build(_settings(folder))
+    assert [(d.id, d.text) for d in loaded.documents] == [
+        (d.id, d.text) for d in original.documents
+    ]
+    assert [(q.id, q.prompt, q.target, q.relevant, q.candidates) for q in loaded.queries] == [
+        (q.id, q.prompt, q.target, q.relevant, q.candidates) for q in original.queries
+    ]
+    assert loaded.heldout_texts == original.heldout_texts
+    # every target word is kept by the word tokenizer, however rare
+    assert {w for q in original.queries for w in split_words(q.target)} <= {
+        w for r in loaded.reserved_words for w in split_words(r)
+    }
+
+
+def _write(path: Path, rows: list) -> Path:
+    lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD_DOCS = [{"id": "a", "text": "alpha beta"}, {"id": "b", "text": "gamma delta"}]
+GOOD_QUERY = {"prompt": "alpha", "target": "beta", "relevant": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("documents", "queries", "message"),
+    [
+        ([*GOOD_DOCS, {"id": "a", "text": "again"}], [GOOD_QUERY], "duplicate document id 'a'"),
+        ([{"id": "a", "text": "  "}], [GOOD_QUERY], "field 'text' is empty"),
+        ([{"text": "no id"}], [GOOD_QUERY], "missing field 'id'"),
+        ([{"id": "a", "txt": "typo"}], [GOOD_QUERY], "unknown field 'txt'"),
+        ([{"id": 7, "text": "x"}], [GOOD_QUERY], "field 'id' must be a str"),
+        (['{"id": "a", "text": '], [GOOD_QUERY], "line 1: not valid JSON"),
+        (GOOD_DOCS, [{**GOOD_QUERY, "relevant": ["zz"]}], "unknown document ids ['zz']"),
+        (GOOD_DOCS, [{"prompt": "alpha", "target": "beta"}], "give 'relevant' document ids"),
+        (GOOD_DOCS, [{"prompt": "alpha", "relevant": ["a"]}], "missing field 'target'"),
+        (GOOD_DOCS, [GOOD_QUERY, {**GOOD_QUERY, "id": "q"}, {**GOOD_QUERY, "id": "q"}],
+         "duplicate query id 'q'"),
+        (GOOD_DOCS, [{**GOOD_QUERY, "owner": "nobody"}], "owner 'nobody' holds no documents"),
+        (GOOD_DOCS, [{**GOOD_QUERY, "candidates": ["gamma"]}], "must be one of its candidates"),
+        (GOOD_DOCS, [{**GOOD_QUERY, "relevant": "a"}], "field 'relevant' must be a list"),
+        ([{**GOOD_DOCS[0], "owner": "x"}, GOOD_DOCS[1]], [GOOD_QUERY], "label all or none"),
+        ([], [GOOD_QUERY], "holds no records"),
+    ],
+)  # fmt: skip
+def test_bad_files_are_refused_naming_file_line_and_field(tmp_path, documents, queries, message):
+    settings = {
+        "corpus": str(_write(tmp_path / "corpus.jsonl", documents)),
+        "queries": str(_write(tmp_path / "queries.jsonl", queries)),
+        "heldout": str(_write(tmp_path / "heldout.jsonl", [{"text": "held out words"}])),
+    }
+    with pytest.raises(InputFileError) as error:
+        _build(settings)
+    assert message in str(error.value)
+
+
+def test_owner_queries_and_the_held_out_share(tmp_path):
+    documents = [
+        {"id": f"d{i}", "text": f"word{i} text", "owner": "left" if i < 6 else "right"}
+        for i in range(20)
+    ]
+    queries = [
+        {"prompt": "word1", "target": "text", "owner": "left"},
+        {"prompt": "word9", "target": "text", "relevant": ["d9"], "owner": "right"},
+    ]
+    settings = {
+        "corpus": str(_write(tmp_path / "corpus.jsonl", documents)),
+        "queries": str(_write(tmp_path / "queries.jsonl", queries)),
+        "heldout_fraction": "0.2",
+    }
+    data = _build(settings)
+    by_owner = {q.id: q.relevant for q in data.queries}
+    assert by_owner["query-00000"] == tuple(f"d{i}" for i in range(6))  # all of left's
+    assert by_owner["query-00001"] == ("d9",)  # given ids win over the owner's
+    # 20 % of 20 held out, never a document a query names; the rest still trains
+    assert len(data.heldout_texts) == 4 and len(data.documents) == 16
+    held = {t.split()[0] for t in data.heldout_texts}
+    assert not held & {f"word{i}" for i in [*range(6), 9]}
+    assert _build(settings, seed=1).heldout_texts != data.heldout_texts
+
+
+def test_settings_are_checked_before_any_work(tmp_path, facts_files):
+    folder, _ = facts_files
+    with pytest.raises(ParameterError, match="needs its corpus file: --task-param corpus=PATH"):
+        plan_runs(["bm25"], "custom", scale=None, seed=0, overrides={})
+    with pytest.raises(ParameterError, match="no such file"):
+        plan_runs(
+            ["bm25"], "custom", scale=None, seed=0, overrides={},
+            task_params=_settings(folder, corpus=str(tmp_path / "missing.jsonl")),
+        )  # fmt: skip
+    with pytest.raises(ParameterError, match="pretrained model directory .* does not exist"):
+        plan_runs(
+            ["bm25"], "custom", scale=None, seed=0, overrides={},
+            task_params=_settings(folder, model=str(tmp_path / "no-model")),
+        )  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        ["--results-dir", str(tmp_path / "r"), "run", "--method", "bm25", "--task", "custom",
+         "--task-param", "copus=x.jsonl"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown custom task parameter 'copus'" in result.output
+    assert "Did you mean 'corpus'?" in result.output
+
+
+def test_edited_files_are_a_new_cache_entry(tmp_path):
+    corpus = _write(tmp_path / "corpus.jsonl", GOOD_DOCS)
+    settings = {
+        "corpus": str(corpus),
+        "queries": str(_write(tmp_path / "queries.jsonl", [GOOD_QUERY])),
+        "heldout": str(_write(tmp_path / "heldout.jsonl", [{"text": "held"}])),
+    }
+    cache = Cache(tmp_path / "cache")
+    first = prepare_task_data(CustomTask(settings), "tiny", seed=0, cache=cache)
+    _write(corpus, [{"id": "a", "text": "alpha beta changed"}, GOOD_DOCS[1]])
+    second = prepare_task_data(CustomTask(settings), "tiny", seed=0, cache=cache)
+    assert first.documents[0].text == "alpha beta"
+    assert second.documents[0].text == "alpha beta changed"
+
+
+def save_tiny_transformers_model(files: Path, folder: Path) -> Path:
+    """A randomly initialised GPT-NeoX (the Pythia architecture) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words: set[str] = set()
+    for name in ("corpus.jsonl", "queries.jsonl", "heldout.jsonl"):
+        for line in (files / name).read_text().splitlines():
+            row = json.loads(line)
+            for text in [row.get(k, "") for k in ("text", "prompt", "target")]:
+                words |= set(split_words(text))
+            words |= {w for c in row.get("candidates", []) for w in split_words(c)}
+    vocabulary = {"<pad>": 0, "<unk>": 1, "<bos>": 2}
+    for word in sorted(words):
+        vocabulary[word] = len(vocabulary)
+    core = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(facts_files, tmp_path_factory) -> Path:
+    return save_tiny_transformers_model(facts_files[0], tmp_path_factory.mktemp("hf-model"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a network connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_local_transformers_model_runs_end_to_end_offline(
+    tmp_path, facts_files, model_dir, no_network
+):
+    folder, _ = facts_files
+    settings = [
+        item
+        for key, value in _settings(folder, model=str(model_dir)).items()
+        for item in ("--task-param", f"{key}={value}")
+    ]
+    results = tmp_path / "results"
+    result = CliRunner().invoke(
+        main,
+        ["--results-dir", str(results), "run", "--method", "bm25,grad_dot,ekfac,trak",
+         "--task", "custom", "--scale", "tiny", *settings, "--no-lds", "--no-reliability"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "custom/tiny: the model learned" in result.output
+    board = CliRunner().invoke(main, ["--results-dir", str(results), "leaderboard"])
+    assert board.exit_code == 0, board.output
+    rows = (results / "leaderboard.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and all(",custom," in f",{row}" for row in rows[1:])
+    # the variant names the files and model, so another corpus is another row
+    assert "model=" in rows[1]
+
+
+@pytest.fixture(scope="module")
+def pretrained_bundle(facts_files, model_dir, tmp_path_factory):
+    task = CustomTask(_settings(facts_files[0], model=str(model_dir)))
+    return prepare_bundle(task, "tiny", seed=0, cache=Cache(tmp_path_factory.mktemp("cache")))
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(pretrained_bundle, model_dir):
+    pretrained = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    assert pretrained_bundle.recipe.pretrained == str(model_dir)
+    first = pretrained_bundle.model(0)  # the first checkpoint: a few fine-tuning steps in
+    fine_tuned = pretrained_bundle.model()
+    weight = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
+    start = pretrained.state_dict()[weight]
+    # early checkpoints stay near the pretrained weights, unlike a fresh initialisation
+    early = (first.inner.state_dict()[weight] - start).norm()
+    late = (fine_tuned.inner.state_dict()[weight] - start).norm()
+    assert early < late
+    # the random "pretrained" model knows few facts; fine-tuning teaches them
+    learned = sum(pretrained_bundle.learned.values()) / len(pretrained_bundle.learned)
+    assert pretrained_bundle.learned_fraction_untrained < 0.5 < learned
+
+
+def test_gradient_scores_on_a_pretrained_model_match_a_plain_autograd_loop(pretrained_bundle):
+    from methods.gradient import GradDot
+
+    bundle = pretrained_bundle
+    queries = bundle.learned_queries[:3]
+    method = GradDot(seed=0)
+    method.fit(bundle)
+    scores = method.score(bundle, queries)
+
+    model = bundle.model()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(sequences, row):
+        one = sequences[row : row + 1]
+        loss = sequence_losses(model(one.inputs), one.targets, one.loss_mask).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)])
+
+    encoded = bundle.encode_queries(queries)
+    documents = torch.stack([gradient(bundle.documents, i) for i in range(8)])
+    for q in range(len(queries)):
+        expected = (documents @ gradient(encoded, q)).double().numpy()
+        np.testing.assert_allclose(scores[q, :8], expected, rtol=2e-3, atol=1e-4)
