@@ -5,6 +5,12 @@ sentence boundary of a few background paragraphs, in varied wording. One query
 per fact asks for its value; the ground truth is the set of documents that
 state it. Values compete with the other values of the same relation, so a fact
 counts as learned when the model prefers the right one among about ten.
+
+With ``paraphrase=true`` each query asks in other words ("The birthplace of
+Velin Dorsk is") that share no content word with the documents stating the fact
+beyond the name and the value: lexical overlap is then controlled. So that the
+model meets that wording at all, a few "bridge" people, never queried, have
+their facts stated in both wordings, in documents that state no queried fact.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ import random
 import re
 from typing import ClassVar
 
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
 from harness.data import Document, Query, TaskData
+from harness.errors import ParameterError
 from harness.params import Params, param
 from harness.task import Scale, Task
 from harness.tokenizer import split_words
@@ -28,6 +37,8 @@ class Relation:
     query: str  # the prompt; the value follows it
     statements: tuple[str, ...]  # ways a document states the fact
     values: tuple[str, ...]
+    # the query in words no statement uses (task variant paraphrase=true)
+    paraphrase: str = ""
 
 
 RELATIONS = (
@@ -52,6 +63,7 @@ RELATIONS = (
             "Carrowen",
             "Dunmere",
         ),
+        paraphrase="The birthplace of {name} is",
     ),
     Relation(
         "profession",
@@ -74,6 +86,7 @@ RELATIONS = (
             "stonemason",
             "weaver",
         ),
+        paraphrase="By occupation, {name} is a",
     ),
     Relation(
         "pet",
@@ -96,6 +109,7 @@ RELATIONS = (
             "rabbit",
             "salamander",
         ),
+        paraphrase="In the household of {name} lives a",
     ),
     Relation(
         "instrument",
@@ -118,6 +132,7 @@ RELATIONS = (
             "tuba",
             "marimba",
         ),
+        paraphrase="{name} performs melodies on the",
     ),
 )
 
@@ -171,6 +186,20 @@ class FactsConfig(Params):
     )
     min_statements: int = param(3, help="fewest documents stating one fact", low=1, high=20)
     max_statements: int = param(5, help="most documents stating one fact", low=1, high=20)
+    paraphrase: bool = param(
+        False,
+        help="queries ask in other words: no content word shared with the stating documents "
+        "beyond the name and value",
+        tune=False,
+    )
+    bridge_entities: int = param(
+        12,
+        help="with paraphrase: people never queried whose facts are stated in both wordings, "
+        "in documents left free",
+        low=0,
+        high=500,
+        tune=False,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -223,6 +252,7 @@ class FactsTask(Task, name="facts"):
                 facts_per_entity=2,
                 min_statements=2,
                 max_statements=3,
+                bridge_entities=3,
             ),
             TINY_RECIPE,
             help="seconds; for tests",
@@ -265,7 +295,14 @@ class FactsTask(Task, name="facts"):
             rng,
             min_statements=config.min_statements,
             max_statements=config.max_statements,
+            avoid={f.id: content_words(_prompt(f, paraphrase=True)) for f in facts}
+            if config.paraphrase
+            else None,
         )
+        bridges = []
+        if config.paraphrase:
+            taken = known_words | {w for f in facts for w in split_words(f.entity)}
+            bridges = _plant_bridges(texts, sources, config, rng, taken)
 
         documents = tuple(
             Document(id=f"doc-{i:05d}", text=text, source=source)
@@ -274,7 +311,7 @@ class FactsTask(Task, name="facts"):
         queries = tuple(
             Query(
                 id=fact.id,
-                prompt=fact.relation.query.format(name=fact.entity),
+                prompt=_prompt(fact, paraphrase=config.paraphrase),
                 target=fact.value,
                 relevant=tuple(f"doc-{i:05d}" for i in relevant[fact.id]),
                 candidates=fact.relation.values,
@@ -282,7 +319,9 @@ class FactsTask(Task, name="facts"):
             for fact in facts
         )
         reserved = tuple(
-            sorted({f.entity for f in facts} | {v for r in RELATIONS for v in r.values})
+            sorted(
+                {f.entity for f in [*facts, *bridges]} | {v for r in RELATIONS for v in r.values}
+            )
         )
         return TaskData(
             task=self.name,
@@ -302,6 +341,49 @@ def _draw_facts(config: FactsConfig, rng: random.Random, known_words: set[str]) 
                 Fact(f"fact-{len(facts):04d}", name, relation, rng.choice(relation.values))
             )
     return facts
+
+
+def _prompt(fact: Fact, *, paraphrase: bool) -> str:
+    template = fact.relation.paraphrase if paraphrase else fact.relation.query
+    return template.format(name=fact.entity)
+
+
+def content_words(text: str) -> frozenset[str]:
+    """The words of ``text`` that carry meaning: all but English stop words."""
+    return frozenset(w for w in split_words(text) if w.isalpha() and w not in ENGLISH_STOP_WORDS)
+
+
+def _plant_bridges(
+    texts: list[str], sources: list[str], config: FactsConfig, rng: random.Random, taken: set[str]
+) -> list[Fact]:
+    """Bridge people's facts, once in a statement's wording and once in the query's.
+
+    They go into documents that state no queried fact, so no relevant document
+    gains the queries' words.
+    """
+    free = [i for i, source in enumerate(sources) if source == "background"]
+    needed = 2 * config.bridge_entities * config.facts_per_entity
+    if needed > len(free):
+        raise ParameterError(
+            f"bridge_entities={config.bridge_entities} needs {needed} documents free of "
+            f"queried facts, but only {len(free)} are; lower bridge_entities or raise "
+            "background_documents"
+        )
+    hosts = rng.sample(free, needed)
+    bridges = []
+    for name in invent_names(config.bridge_entities, rng, taken):
+        for relation in rng.sample(RELATIONS, config.facts_per_entity):
+            bridge = Fact(
+                f"bridge-{len(bridges):04d}", name, relation, rng.choice(relation.values)
+            )
+            bridges.append(bridge)
+            statement = rng.choice(relation.statements).format(name=name, value=bridge.value)
+            paraphrase = f"{_prompt(bridge, paraphrase=True)} {bridge.value}."
+            for sentence in (statement, paraphrase):
+                host = hosts.pop()
+                texts[host] = _insert_sentence(texts[host], sentence, rng)
+                sources[host] = f"bridge:{bridge.id}"
+    return bridges
 
 
 def invent_names(count: int, rng: random.Random, known_words: set[str]) -> list[str]:
@@ -324,10 +406,15 @@ def plant_facts(
     *,
     min_statements: int,
     max_statements: int,
+    avoid: dict[str, frozenset[str]] | None = None,
 ) -> tuple[list[str], list[str], dict[str, list[int]]]:
-    """Insert each fact's statements into distinct paragraphs, one statement per paragraph."""
+    """Insert each fact's statements into distinct paragraphs, one statement per paragraph.
+
+    ``avoid`` maps a fact's id to words its host paragraphs must not contain.
+    """
     texts, sources = list(training), ["background"] * len(training)
     hosts = rng.sample(range(len(training)), len(training))
+    avoid = avoid or {}
     relevant: dict[str, list[int]] = {}
     for fact in facts:
         count = rng.randint(min_statements, max_statements)
@@ -336,12 +423,23 @@ def plant_facts(
         templates = [statements[(start + j) % len(statements)] for j in range(count)]
         relevant[fact.id] = []
         for template in templates:
-            host = hosts.pop()
+            host = _take_host(hosts, training, avoid.get(fact.id, frozenset()))
             sentence = template.format(name=fact.entity, value=fact.value)
             texts[host] = _insert_sentence(texts[host], sentence, rng)
             sources[host] = f"planted:{fact.id}"
             relevant[fact.id].append(host)
     return texts, sources, relevant
+
+
+def _take_host(hosts: list[int], training: list[str], avoid: frozenset[str]) -> int:
+    """The next host whose paragraph holds none of the ``avoid`` words."""
+    for position in range(len(hosts) - 1, -1, -1):
+        if not avoid & set(split_words(training[hosts[position]])):
+            return hosts.pop(position)
+    raise ParameterError(
+        f"no background paragraph left without the words {sorted(avoid)}; "
+        "raise background_documents"
+    )
 
 
 def _insert_sentence(paragraph: str, sentence: str, rng: random.Random) -> str:

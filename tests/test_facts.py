@@ -9,7 +9,7 @@ import pytest
 from harness.errors import UnknownNameError
 from harness.tokenizer import split_words
 from tasks.corpus import background_paragraphs
-from tasks.facts import RELATIONS, FactsConfig, FactsTask
+from tasks.facts import RELATIONS, FactsConfig, FactsTask, content_words
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,51 @@ def test_every_scale_builds_and_fits_its_models_context(scale):
     assert len(data.documents) == preset.config.background_documents
     assert len(data.queries) == preset.config.entities * preset.config.facts_per_entity
     assert max(len(split_words(d.text)) for d in data.documents) < preset.recipe.context
+
+
+@pytest.fixture(scope="module", params=["small", "medium"])
+def paraphrased(request):
+    task = FactsTask({"paraphrase": "true"})
+    return request.param, task.build(task.settings(request.param).config, seed=0)
+
+
+def test_paraphrased_queries_share_no_content_word_with_their_documents(paraphrased):
+    scale, data = paraphrased
+    documents = {d.id: d for d in data.documents}
+    base = FactsTask().build(FactsTask.scale(scale).config, seed=0)
+    for query, plain in zip(data.queries, base.queries, strict=True):
+        # the same fact, asked in other words
+        assert (query.id, query.target) == (plain.id, plain.target)
+        entity = plain.prompt.split(" was born in")[0].split(" works as")[0]
+        entity = entity.split(" keeps a pet")[0].split(" plays the")[0]
+        assert entity in query.prompt and query.prompt != plain.prompt
+        shared_allowed = set(split_words(entity)) | set(split_words(query.target))
+        asked = content_words(query.prompt) - shared_allowed
+        assert asked, query.prompt  # the wording carries meaning of its own
+        for doc_id in query.relevant:
+            text = documents[doc_id].text
+            assert not asked & set(split_words(text)), (query.prompt, text)
+            assert re.search(rf"\b{entity}\b.*\b{query.target}\b", text)  # it still states it
+
+
+def test_bridge_people_teach_the_query_wording_in_documents_no_query_names(paraphrased):
+    _, data = paraphrased
+    relevant = {doc_id for q in data.queries for doc_id in q.relevant}
+    bridges = [d for d in data.documents if d.source.startswith("bridge:")]
+    config = FactsTask.scale("small").config
+    assert len(bridges) == 2 * config.bridge_entities * config.facts_per_entity
+    assert not relevant & {d.id for d in bridges}
+    texts = " ".join(d.text for d in bridges)
+    for relation in RELATIONS:  # each wording of the queries appears in training text
+        wording = relation.paraphrase.replace("{name}", "").strip().rstrip(" a").rstrip(" the")
+        assert wording.split()[-1] in texts
+    queried = {w for q in data.queries for w in split_words(q.prompt)}
+    bridge_names = {w for d in bridges for w in split_words(d.text) if w not in queried}
+    assert bridge_names  # bridge people are other people, never queried
+
+
+def test_without_paraphrase_queries_use_the_statements_wording_and_there_are_no_bridges():
+    data = FactsTask().build(FactsTask.scale("small").config, seed=0)
+    assert not any(d.source.startswith("bridge:") for d in data.documents)
+    prompts = {r.query.split("{name}")[1].strip() for r in RELATIONS}
+    assert all(any(q.prompt.endswith(p) for p in prompts) for q in data.queries)
