@@ -381,7 +381,7 @@ def _plant_bridges(
             paraphrase = f"{_prompt(bridge, paraphrase=True)} {bridge.value}."
             for sentence in (statement, paraphrase):
                 host = hosts.pop()
-                texts[host] = _insert_sentence(texts[host], sentence, rng)
+                texts[host] = insert_sentence(texts[host], sentence, rng)
                 sources[host] = f"bridge:{bridge.id}"
     return bridges
 
@@ -425,7 +425,7 @@ def plant_facts(
         for template in templates:
             host = _take_host(hosts, training, avoid.get(fact.id, frozenset()))
             sentence = template.format(name=fact.entity, value=fact.value)
-            texts[host] = _insert_sentence(texts[host], sentence, rng)
+            texts[host] = insert_sentence(texts[host], sentence, rng)
             sources[host] = f"planted:{fact.id}"
             relevant[fact.id].append(host)
     return texts, sources, relevant
@@ -442,7 +442,13 @@ def _take_host(hosts: list[int], training: list[str], avoid: frozenset[str]) -> 
     )
 
 
-def _insert_sentence(paragraph: str, sentence: str, rng: random.Random) -> str:
-    sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph)
+def split_sentences(paragraph: str) -> list[str]:
+    """The paragraph's sentences: split after . ! ? where a capital letter follows."""
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph)
+
+
+def insert_sentence(paragraph: str, sentence: str, rng: random.Random) -> str:
+    """The paragraph with ``sentence`` at a random sentence boundary."""
+    sentences = split_sentences(paragraph)
     position = rng.randint(0, len(sentences))
     return " ".join([*sentences[:position], sentence, *sentences[position:]])
