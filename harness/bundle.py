@@ -33,7 +33,7 @@ Tokenizer = WordTokenizer | PretrainedTokenizer
 
 _MODEL_CODE = [
     Path(harness.__file__).with_name(f)
-    for f in ("model.py", "training.py", "tokenizer.py", "data.py", "bundle.py")
+    for f in ("model.py", "training.py", "tokenizer.py", "data.py", "bundle.py", "pretrained.py")
 ]
 
 

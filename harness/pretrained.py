@@ -117,6 +117,21 @@ class PretrainedLM(nn.Module):
         # padding sits at the right end and attention is causal, so no mask is needed
         return self.inner(input_ids=ids, use_cache=False).logits.float()
 
+    @property
+    def blocks(self) -> nn.ModuleList | None:
+        """The decoder layers, as on the GPT (read by hooks; not registered twice)."""
+        layers = getattr(self.inner.config, "num_hidden_layers", None)
+        for child in self.inner.base_model.children():
+            if isinstance(child, nn.ModuleList) and len(child) == layers:
+                return child
+        return None
+
+    @property
+    def norm_final(self) -> nn.Module | None:
+        """The norm after the last decoder layer, where the architecture has one."""
+        norms = [c for c in self.inner.base_model.children() if "Norm" in type(c).__name__]
+        return norms[-1] if norms else None
+
     def get_output_embeddings(self) -> nn.Module:
         return self.inner.get_output_embeddings()
 
@@ -166,3 +181,47 @@ class PretrainedTokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids))
+
+
+def save_word_level_model(
+    texts: list[str],
+    folder: Path,
+    *,
+    width: int = 128,
+    depth: int = 2,
+    heads: int = 4,
+    context: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised GPT-NeoX (Pythia's architecture) and a word tokenizer.
+
+    The tokenizer's vocabulary is every word of ``texts`` (lower-cased, split as
+    the harness's own tokenizer splits). For trying the pretrained path, and for
+    tests, without downloading anything: a real checkpoint goes through the same
+    ``save_pretrained`` folder format.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from harness.tokenizer import SPECIALS, split_words
+
+    transformers = _transformers()
+    words = sorted({word for text in texts for word in split_words(text)})
+    vocabulary = {token: i for i, token in enumerate([*SPECIALS, *words])}
+    core = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(folder)
+    config = transformers.GPTNeoXConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=4 * width,
+        max_position_embeddings=context,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformers.GPTNeoXForCausalLM(config).save_pretrained(folder)
+    return Path(folder)

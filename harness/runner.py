@@ -246,7 +246,10 @@ class Runner:
                     for q in select_queries(bundle.data.queries, plan.queries, seed=plan.seed)
                     if bundle.learned[q.id]
                 ]
+                model_metrics = plan.task.model_metrics(bundle)
+                run.log_metrics(model_metrics)
                 metrics = _evaluate(method, bundle, queries, run, plan.evaluation, truth)
+                metrics |= model_metrics
         except Exception as error:  # recorded in MLflow; the next method still runs
             return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
         _logger.info(
@@ -340,7 +343,7 @@ def _evaluate(
         own = _own_model_metrics(method, bundle, queries, truth)
         run.log_metrics(own)
         metrics |= own
-    _log_artifacts(run, scores, queries, per_query, method, bundle.data.document_ids)
+    _log_artifacts(run, scores, queries, per_query, method, bundle)
     if evaluation.reliability:
         reliability, tags = reliability_metrics(method, bundle, queries, scores)
         run.log_metrics(reliability)
@@ -403,7 +406,7 @@ def _log_artifacts(
     queries: list[Query],
     per_query: dict[str, np.ndarray],
     method: Method,
-    document_ids: list[str],
+    bundle: Bundle,
 ) -> None:
     table = pl.DataFrame(
         {
@@ -425,10 +428,12 @@ def _log_artifacts(
                     "family": method.family,
                     "params": method.params.to_dict(),
                     "rows": [q.id for q in queries],
-                    "columns": document_ids,
+                    "columns": bundle.data.document_ids,
                 },
                 indent=2,
             )
         )
+        # every query of the task, scored or not: whether the model learned its target
+        (folder / "learned.json").write_text(json.dumps(bundle.learned, indent=1))
         for path in sorted(folder.iterdir()):
             run.log_artifact(path)

@@ -18,13 +18,16 @@ import dataclasses
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from harness.data import TaskData
 from harness.errors import UnknownNameError
 from harness.params import Params
 from harness.registry import Registry
 from harness.training import TrainRecipe
+
+if TYPE_CHECKING:  # the bundle module imports this one
+    from harness.bundle import Bundle
 
 
 def _check_task_class(name: str, cls: type) -> None:
@@ -90,6 +93,14 @@ class Task(abc.ABC):
     def recipe(self, config: Params, recipe: TrainRecipe) -> TrainRecipe:
         """The model recipe for these settings; by default the scale's own."""
         return recipe
+
+    def model_metrics(self, bundle: Bundle) -> dict[str, float]:
+        """Figures about what the trained model learned, logged with every run.
+
+        A task defines its own (task ``canaries``: the share memorised at each
+        repetition count); by default there are none.
+        """
+        return {}
 
     def input_files(self, config: Params) -> list[Path]:
         """Files these settings read (a user's corpus): their content keys the cached data."""

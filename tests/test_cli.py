@@ -15,6 +15,9 @@ from mlflow.tracking import MlflowClient
 from harness.cli import main
 from harness.method import METHODS
 
+# methods whose scores never read the model's weights (datamodel learns from retrains)
+MODEL_FREE = {"bm25", "random", "datamodel", "tfidf", "ngram"}
+
 
 def _invoke(results_dir, *args):
     return CliRunner().invoke(
@@ -170,13 +173,15 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
             assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
         assert metrics["fit_seconds"] >= 0 and metrics["score_seconds"] >= 0
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"scores.npy", "per_query.csv", "method.json"}
+        assert artifacts == {"scores.npy", "per_query.csv", "method.json", "learned.json"}
         folder = client.download_artifacts(run.info.run_id, "")
         scores = np.load(f"{folder}/scores.npy", allow_pickle=False)
         described = json.loads(Path(folder, "method.json").read_text())
         rows, columns = described["rows"], described["columns"]
         assert scores.shape == (metrics["queries_scored"], 60) == (len(rows), len(columns))
         assert columns[0] == "doc-00000" and len(set(columns)) == 60
+        learned = json.loads(Path(folder, "learned.json").read_text())
+        assert len(learned) == 16 and set(rows) == {q for q, ok in learned.items() if ok}
         per_query = pl.read_csv(f"{folder}/per_query.csv")
         assert per_query["reciprocal_rank"].mean() == pytest.approx(metrics["mrr"])
         # counterfactual and reliability columns, on every method
@@ -188,7 +193,7 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
         for name in ("seed_stability", "model_seed_stability", "randomization_correlation"):
             assert -1.0 <= metrics[name] <= 1.0
         independent = run.data.tags["model_independent"] == "true"
-        assert independent == (run.data.tags["method"] in {"bm25", "random", "datamodel"})
+        assert independent == (run.data.tags["method"] in MODEL_FREE)
 
     # a second run of one method reuses the cached model and is its own MLflow run
     caplog.clear()

@@ -1,4 +1,4 @@
-"""Task ``custom``: a user's JSONL corpus and queries, with the GPT or a local transformers model."""
+"""Task ``custom``: a JSONL corpus and queries, with the GPT or a local transformers model."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from harness.cache import Cache
 from harness.cli import main
 from harness.errors import InputFileError, ParameterError
 from harness.model import sequence_losses
+from harness.pretrained import save_word_level_model
 from harness.runner import plan_runs
 from harness.task import TASKS
 from harness.tokenizer import split_words
@@ -140,7 +141,7 @@ def test_settings_are_checked_before_any_work(tmp_path, facts_files):
             ["bm25"], "custom", scale=None, seed=0, overrides={},
             task_params=_settings(folder, corpus=str(tmp_path / "missing.jsonl")),
         )  # fmt: skip
-    with pytest.raises(ParameterError, match="pretrained model directory .* does not exist"):
+    with pytest.raises(ParameterError, match=r"pretrained model directory .* does not exist"):
         plan_runs(
             ["bm25"], "custom", scale=None, seed=0, overrides={},
             task_params=_settings(folder, model=str(tmp_path / "no-model")),
@@ -170,42 +171,17 @@ def test_edited_files_are_a_new_cache_entry(tmp_path):
     assert second.documents[0].text == "alpha beta changed"
 
 
-def save_tiny_transformers_model(files: Path, folder: Path) -> Path:
-    """A randomly initialised GPT-NeoX (the Pythia architecture) with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    words: set[str] = set()
-    for name in ("corpus.jsonl", "queries.jsonl", "heldout.jsonl"):
-        for line in (files / name).read_text().splitlines():
-            row = json.loads(line)
-            for text in [row.get(k, "") for k in ("text", "prompt", "target")]:
-                words |= set(split_words(text))
-            words |= {w for c in row.get("candidates", []) for w in split_words(c)}
-    vocabulary = {"<pad>": 0, "<unk>": 1, "<bos>": 2}
-    for word in sorted(words):
-        vocabulary[word] = len(vocabulary)
-    core = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(folder)
-    config = transformers.GPTNeoXConfig(
-        vocab_size=len(vocabulary),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    transformers.GPTNeoXForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def model_dir(facts_files, tmp_path_factory) -> Path:
-    return save_tiny_transformers_model(facts_files[0], tmp_path_factory.mktemp("hf-model"))
+    files = facts_files[0]
+    texts = [
+        row.get(key, "")
+        for name in ("corpus.jsonl", "queries.jsonl", "heldout.jsonl")
+        for row in map(json.loads, (files / name).read_text().splitlines())
+        for key in ("text", "prompt", "target")
+    ]
+    folder = tmp_path_factory.mktemp("hf-model")
+    return save_word_level_model(texts, folder, width=32, depth=1, heads=2, context=128)
 
 
 @pytest.fixture
@@ -229,7 +205,7 @@ def test_local_transformers_model_runs_end_to_end_offline(
     results = tmp_path / "results"
     result = CliRunner().invoke(
         main,
-        ["--results-dir", str(results), "run", "--method", "bm25,grad_dot,ekfac,trak",
+        ["--results-dir", str(results), "run", "--method", "bm25,grad_dot,ekfac,trak,repsim,ngram",
          "--task", "custom", "--scale", "tiny", *settings, "--no-lds", "--no-reliability"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -237,7 +213,7 @@ def test_local_transformers_model_runs_end_to_end_offline(
     board = CliRunner().invoke(main, ["--results-dir", str(results), "leaderboard"])
     assert board.exit_code == 0, board.output
     rows = (results / "leaderboard.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 and all(",custom," in f",{row}" for row in rows[1:])
+    assert len(rows) == 1 + 6 and all(",custom," in f",{row}" for row in rows[1:])
     # the variant names the files and model, so another corpus is another row
     assert "model=" in rows[1]
 
