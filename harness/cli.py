@@ -148,8 +148,11 @@ def _echo_applicability() -> None:
     tasks = list(TASKS)
     reasons: list[str] = []
     click.echo("\nWhere each method applies (`--method all` runs those marked yes):")
-    click.echo(" " * 12 + "".join(f"{t.name:<10}" for t in tasks))
-    for method in METHODS:
+    methods = list(METHODS)
+    name_width = max(len(m.name) for m in methods) + 2
+    cell_width = max(10, *(len(t.name) + 2 for t in tasks))
+    click.echo(" " * (name_width + 2) + "".join(f"{t.name:<{cell_width}}" for t in tasks))
+    for method in methods:
         cells = []
         for task in tasks:
             reason = method.applies_to(task)
@@ -159,7 +162,7 @@ def _echo_applicability() -> None:
             if reason not in reasons:
                 reasons.append(reason)
             cells.append(f"no ({reasons.index(reason) + 1})")
-        click.echo(f"  {method.name:<10}" + "".join(f"{c:<10}" for c in cells))
+        click.echo(f"  {method.name:<{name_width}}" + "".join(f"{c:<{cell_width}}" for c in cells))
     for number, reason in enumerate(reasons, start=1):
         click.echo(f"  ({number}) {reason}")
 

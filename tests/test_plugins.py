@@ -71,3 +71,46 @@ def test_redefining_the_same_class_replaces_it_and_another_class_is_refused():
     assert methods._classes["overlap"] is rerun
     with pytest.raises(ValueError, match=r"already registered by notebook\.Overlap"):
         methods.add("overlap", define("OtherOverlap"))
+
+
+def test_a_method_that_does_not_apply_to_a_task_is_left_out_and_says_why(monkeypatch):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from harness.cli import main
+    from harness.errors import ParameterError
+    from harness.method import METHODS
+    from harness.runner import parse_method_names, plan_runs
+
+    class NeedsOwners(Method):
+        name, family = "needs_owners", "baseline"
+
+        @classmethod
+        def applies_to(cls, task):
+            return None if task.name == "owners" else "it ranks owners, and the task has none"
+
+        def score(self, bundle, queries):
+            return np.zeros((len(queries), len(bundle.data.documents)))
+
+    METHODS.names()  # discover the built-ins first, then add this one for this test only
+    monkeypatch.setitem(METHODS._classes, "needs_owners", NeedsOwners)
+    assert "needs_owners" in parse_method_names("all", task="owners")
+    assert "needs_owners" not in parse_method_names("all", task="facts")
+    assert set(parse_method_names("all", task="facts")) == set(METHODS.names()) - {"needs_owners"}
+    with pytest.raises(ParameterError, match="does not apply to task 'facts': it ranks owners"):
+        plan_runs(["needs_owners"], "facts", scale="tiny", seed=0, overrides={})
+
+    listing = CliRunner().invoke(main, ["list"])
+    assert listing.exit_code == 0, listing.output
+    lines = listing.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Where each method" in line)
+    header = lines[start + 1]
+    row = next(line for line in lines[start:] if line.strip().startswith("needs_"))
+    columns = header.split()
+    cells = row.split()[1:]
+    # each column names one task; "no (1)" takes two words
+    marks = " ".join(cells).replace("no (", "no(").split()
+    assert dict(zip(columns, marks, strict=True)) == {
+        t: ("yes" if t == "owners" else "no(1)") for t in columns
+    }
+    assert "(1) it ranks owners, and the task has none" in listing.output
