@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -105,26 +104,17 @@ class SuffixIndex:
     def __len__(self) -> int:
         return len(self._tokens)
 
-    def longest_match(self, query: Sequence[int], start: int) -> tuple[int, slice]:
-        """The longest prefix of ``query[start:]`` that a document holds.
-
-        Returns its length and the rows of the suffix array that begin with it
-        (all rows when the length is 0). Each further token narrows the rows by two
-        binary searches, since rows sharing ``depth`` tokens are sorted by the next one.
-        """
-        low, high, depth = 0, len(self._sorted), 0
-        while start + depth < len(query):
-            low_next, high_next = self._narrow(low, high, depth, query[start + depth])
-            if low_next == high_next:
-                break
-            low, high, depth = low_next, high_next, depth + 1
-        return depth, slice(low, high)
-
     def documents(self, rows: slice) -> np.ndarray:
         """Indices of the distinct documents in which the suffixes of ``rows`` start."""
         return np.unique(self._document_of[self._suffixes[rows]])
 
-    def _narrow(self, low: int, high: int, depth: int, token: int) -> tuple[int, int]:
+    def narrow(self, low: int, high: int, depth: int, token: int) -> tuple[int, int]:
+        """The rows within ``[low, high)`` whose suffix has ``token`` at ``depth``.
+
+        Rows that share their first ``depth`` tokens are sorted by the next one, so
+        two binary searches find them.
+        """
+
         def token_at_depth(position: int) -> int:
             return self._tokens[position + depth]  # a separator ends every match in range
 
@@ -132,27 +122,38 @@ class SuffixIndex:
         return first, bisect.bisect_right(self._sorted, token, first, high, key=token_at_depth)
 
 
-def maximal_matches(index: SuffixIndex, query: Sequence[int]) -> list[tuple[int, int, slice]]:
-    """``(start, length, rows)`` of every maximal span of ``query`` that a document holds.
+def longest_per_document(
+    index: SuffixIndex, query: Sequence[int], start: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every document, the longest prefix of ``query[start:]`` it holds, and frequencies.
 
-    From each start the longest match is taken (matching statistics); it is maximal
-    unless it lies inside the previous start's match, which happens exactly when it
-    is one token shorter.
+    Returns ``(lengths, frequencies)``: ``lengths[d]`` is that length for document
+    ``d`` (0 when it holds none); ``frequencies[l]`` is the number of documents
+    holding the query's first ``l`` tokens from ``start``. Each further token
+    narrows the suffix-array rows, and the documents still among them hold the
+    longer prefix.
     """
-    matches, previous = [], 0
-    for start in range(len(query)):
-        length, rows = index.longest_match(query, start)
-        if length and length >= previous:
-            matches.append((start, length, rows))
-        previous = length
-    return matches
+    lengths = np.zeros(index.n_documents, dtype=np.int64)
+    frequencies = [index.n_documents]
+    low, high, depth = 0, len(index), 0
+    while start + depth < len(query):
+        low, high = index.narrow(low, high, depth, query[start + depth])
+        if low == high:
+            break
+        depth += 1
+        holders = index.documents(slice(low, high))
+        lengths[holders] = depth
+        frequencies.append(len(holders))
+    return lengths, np.asarray(frequencies, dtype=np.int64)
 
 
-def span_weight(kind: str, *, length: int, frequency: int, n_documents: int) -> float:
-    """A span's weight from its length and document frequency (see :class:`NGramParams`)."""
+def span_weight(
+    kind: str, *, length: np.ndarray, frequency: np.ndarray, n_documents: int
+) -> np.ndarray:
+    """Spans' weights from their lengths and document frequencies (see :class:`NGramParams`)."""
     if kind == "length":
-        return float(length)
-    idf = math.log(n_documents / frequency)
+        return length.astype(np.float64)
+    idf = np.log(n_documents / frequency)
     return idf * length if kind == "length_idf" else idf
 
 
@@ -183,12 +184,14 @@ class NGram(_Indexed, name="ngram", family="retrieval"):
     The query's tokens are its prompt's followed by its target's, both encoded by
     ``bundle.tokenizer``: the ids the model reads, so words outside the vocabulary
     all read as ``<unk>`` and match one another, as they do for the model. For each
-    position the longest span starting there that some document holds is found in a
-    suffix array over the documents; of these, the spans not inside another are kept
-    when they are at least ``min_span`` tokens long (and, with ``spans=target``, reach
-    into the target). Each document holding a kept span receives its weight, by default
-    ``length × ln(N / df)``, and its score is the sum (or max) of what it received;
-    documents holding no kept span score 0.
+    document, its maximal spans are the spans of the query it holds that no longer
+    span it holds contains: from each position of the query, the longest span
+    starting there that the document holds, found for all documents at once by
+    narrowing a suffix array token by token. A maximal span counts when it is at
+    least ``min_span`` tokens long (and, with ``spans=target``, reaches into the
+    target); it adds its weight, by default ``length × ln(N / df)`` with ``df`` the
+    documents holding that span, to the document's score (or the score is the max);
+    documents with no such span score 0.
     """
 
     description = "maximal exact token spans shared with the query, rarity-weighted"
@@ -216,21 +219,28 @@ class NGram(_Indexed, name="ngram", family="retrieval"):
     def _score_query(self, tokens: list[int], target_start: int) -> np.ndarray:
         index, params = self._index, self.params
         row = np.zeros(index.n_documents)
-        for start, length, rows in maximal_matches(index, tokens):
-            reaches_target = start + length > target_start
-            if length < params.min_span or (params.spans == "target" and not reaches_target):
+        previous = np.zeros(index.n_documents, dtype=np.int64)
+        for start in range(len(tokens)):
+            lengths, frequencies = longest_per_document(index, tokens, start)
+            # a document's match from here is maximal for it unless it lies inside the
+            # match it had from the previous start, which is then one token longer
+            kept = (lengths >= max(params.min_span, 1)) & (lengths >= previous)
+            if params.spans == "target":
+                kept &= start + lengths > target_start
+            previous = lengths
+            documents = np.flatnonzero(kept)
+            if not len(documents):
                 continue
-            documents = index.documents(rows)
-            weight = span_weight(
+            weights = span_weight(
                 params.weighting,
-                length=length,
-                frequency=len(documents),
+                length=lengths[documents],
+                frequency=frequencies[lengths[documents]],
                 n_documents=index.n_documents,
             )
             if params.aggregate == "sum":
-                row[documents] += weight
+                row[documents] += weights
             else:
-                row[documents] = np.maximum(row[documents], weight)
+                row[documents] = np.maximum(row[documents], weights)
         return row
 
 

@@ -88,31 +88,28 @@ def _contains(document: list[int], span: list[int]) -> bool:
 
 
 def _ngram_by_brute_force(documents, tokens, target_start, params: NGramParams) -> np.ndarray:
-    """Every span of the query checked against every document: quadratic, obviously right."""
-    longest = []
-    for start in range(len(tokens)):
-        length = 0
-        while start + length < len(tokens) and any(
-            _contains(d, tokens[start : start + length + 1]) for d in documents
-        ):
-            length += 1
-        longest.append(length)
+    """Every span of the query checked against every document: quadratic, obviously right.
+
+    A document's maximal spans are the spans of the query it holds that no longer
+    span it holds contains.
+    """
     row = np.zeros(len(documents))
-    for start, length in enumerate(longest):
-        inside_another = any(j + longest[j] >= start + length for j in range(start))
-        if length < params.min_span or inside_another:
-            continue
-        if params.spans == "target" and start + length <= target_start:
-            continue
-        holders = [
-            i for i, d in enumerate(documents) if _contains(d, tokens[start : start + length])
-        ]
-        idf = math.log(len(documents) / len(holders))
-        weight = {"length_idf": length * idf, "idf": idf, "length": float(length)}[
-            params.weighting
-        ]
-        for i in holders:
-            row[i] = row[i] + weight if params.aggregate == "sum" else max(row[i], weight)
+    spans = [(i, j) for i in range(len(tokens)) for j in range(i + 1, len(tokens) + 1)]
+    for d, document in enumerate(documents):
+        held = [(i, j) for i, j in spans if _contains(document, tokens[i:j])]
+        for i, j in held:
+            inside = any(a <= i and j <= b and (a, b) != (i, j) for a, b in held)
+            if inside or j - i < params.min_span:
+                continue
+            if params.spans == "target" and j <= target_start:
+                continue
+            frequency = sum(_contains(other, tokens[i:j]) for other in documents)
+            idf = math.log(len(documents) / frequency)
+            length = j - i
+            weight = {"length_idf": length * idf, "idf": idf, "length": float(length)}[
+                params.weighting
+            ]
+            row[d] = row[d] + weight if params.aggregate == "sum" else max(row[d], weight)
     return row
 
 
@@ -156,7 +153,7 @@ def test_ngram_ranks_the_document_with_the_planted_span_first():
     query = _query("Zorvath Quillon was born in", "Velmora")
     scores = _scores(NGram(), bundle, [query])[0]
     assert int(np.argmax(scores)) == 0 and scores[0] > np.delete(scores, 0).max()
-    # d3 holds "zorvath quillon", but only as part of the longer span d0 holds
+    # d3's maximal span "zorvath quillon" lies in the prompt: it does not count
     assert scores[3] == 0.0
 
 
@@ -165,7 +162,9 @@ def test_ngram_counts_spans_inside_the_prompt_only_when_asked():
     query = _query("Zorvath Quillon plays the", "banjo")  # banjo: in no document
     assert not _scores(NGram(), bundle, [query]).any()
     scores = _scores(NGram(NGramParams(spans="any")), bundle, [query])
-    np.testing.assert_allclose(scores, [[0, 0, 0, 4 * math.log(5), 0]])
+    # d3 holds "zorvath quillon plays the"; d0 holds "zorvath quillon", maximal for d0
+    # though inside d3's span, and held by 2 of the 5 documents
+    np.testing.assert_allclose(scores, [[2 * math.log(5 / 2), 0, 0, 4 * math.log(5), 0]])
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,3 +371,12 @@ def test_score_needs_a_fit_on_the_same_documents(name):
     method.fit(bundle)
     with pytest.raises(ValueError, match="other documents"):
         method.score(_bundle(TEXTS[:-1], model=_small_model()), QUERIES)
+
+
+def test_a_longer_span_in_one_document_does_not_hide_the_shared_span_from_others():
+    # regression: "y trig tgt" in d1 alone hid "trig tgt", which d0 and d2 hold too
+    bundle = _bundle(["x trig tgt .", "y trig tgt .", "z trig tgt .", "w w w"])
+    scores = _scores(NGram(), bundle, [_query("y trig", "tgt")])[0]
+    np.testing.assert_allclose(
+        scores, [2 * math.log(4 / 3), 3 * math.log(4), 2 * math.log(4 / 3), 0.0]
+    )
