@@ -170,7 +170,7 @@ def encode_completions(
     """Examples whose loss covers only the target's tokens, given ``<bos>`` and the prompt."""
     rows = []
     for prompt, target in zip(prompts, targets, strict=True):
-        prompt_ids, target_ids = tokenizer.encode(prompt), tokenizer.encode(target)
+        prompt_ids, target_ids = encode_pair(tokenizer, prompt, target)
         if not target_ids:
             raise ValueError(f"target {target!r} of prompt {prompt!r} has no tokens")
         tokens = [tokenizer.bos_id, *prompt_ids, *target_ids]
@@ -179,6 +179,18 @@ def encode_completions(
         mask = [0.0] * len(prompt_ids) + [1.0] * len(target_ids)
         rows.append((tokens[:-1], tokens[1:], mask))
     return _pad(rows, tokenizer.pad_id)
+
+
+def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """The prompt's tokens and the target's, as the target follows the prompt in text.
+
+    A tokenizer whose tokens carry their leading space (byte-level BPE) encodes a
+    word after a space differently from the word alone; such a tokenizer provides
+    ``encode_pair``. A word tokenizer encodes the two apart.
+    """
+    if hasattr(tokenizer, "encode_pair"):
+        return tokenizer.encode_pair(prompt, target)
+    return tokenizer.encode(prompt), tokenizer.encode(target)
 
 
 def _pad(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int) -> Sequences:

@@ -179,6 +179,18 @@ class PretrainedTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
 
+    def encode_pair(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """The target's tokens as they follow the prompt and a space in running text.
+
+        Byte-level BPE folds the space into the target's first token ("ĠQuillon");
+        encoding the target alone would give tokens the model never saw there.
+        """
+        prompt_ids = self.encode(prompt)
+        joined = self.encode(f"{prompt} {target}")
+        if joined[: len(prompt_ids)] == prompt_ids and len(joined) > len(prompt_ids):
+            return prompt_ids, joined[len(prompt_ids) :]
+        return prompt_ids, self.encode(f" {target}")  # the prompt's end merged with the target
+
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids))
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.bundle import Bundle
-from harness.data import Query, Sequences
+from harness.data import Query, Sequences, encode_pair
 from harness.errors import ParameterError
 from harness.method import Method
 from harness.params import Params, param
@@ -246,8 +246,8 @@ class NGram(_Indexed, name="ngram", family="retrieval"):
 
 def _query_tokens(tokenizer: Any, query: Query) -> tuple[list[int], int]:
     """The prompt's tokens followed by the target's, and where the target starts."""
-    prompt = list(tokenizer.encode(query.prompt))
-    return prompt + list(tokenizer.encode(query.target)), len(prompt)
+    prompt, target = encode_pair(tokenizer, query.prompt, query.target)
+    return [*prompt, *target], len(prompt)
 
 
 # ---------------------------------------------------------------------------------------

@@ -262,3 +262,30 @@ def test_gradient_scores_on_a_pretrained_model_match_a_plain_autograd_loop(pretr
     for q in range(len(queries)):
         expected = (documents @ gradient(encoded, q)).double().numpy()
         np.testing.assert_allclose(scores[q, :8], expected, rtol=2e-3, atol=1e-4)
+
+
+def test_a_byte_level_bpe_target_is_encoded_as_it_follows_the_prompt(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from harness.data import encode_completions
+    from harness.pretrained import PretrainedTokenizer
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    texts = ["Velin Dorsk was born in Quillon.", "Quillon is far.", "born in Tarsk"] * 20
+    core.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"])
+    )
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    ).save_pretrained(tmp_path)
+    tokenizer = PretrainedTokenizer(str(tmp_path))
+    prompt, target = "Velin Dorsk was born in", "Quillon"
+    running = tokenizer.encode(f"{prompt} {target}")
+    prompt_ids, target_ids = tokenizer.encode_pair(prompt, target)
+    assert prompt_ids + target_ids == running  # exactly the tokens of the running text
+    assert target_ids != tokenizer.encode(target)  # the space belongs to the first token
+    sequences = encode_completions([prompt], [target], tokenizer, context=32)
+    scored = sequences.targets[0][sequences.loss_mask[0] == 1].tolist()
+    assert scored == target_ids
