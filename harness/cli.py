@@ -526,7 +526,7 @@ def sweep(
         task_class = TASKS.get(task)
         scale = scale or task_class.default_scale
         task_overrides = _parse_key_values(task_params, option="--task-param")
-        variant = task_class(task_overrides).variant
+        variant = task_class(task_overrides).variant(scale)
         heldout_seeds = _parse_seeds(seeds) if seeds else (seed,)
         if storage is None:
             storage = (

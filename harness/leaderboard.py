@@ -33,7 +33,7 @@ from harness.evaluation import REMOVAL_KS
 from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.task import TASKS
-from harness.tracking import ROLE_TAG, TASK_TAG, VARIANT_TAG, open_client
+from harness.tracking import INPUTS_TAG, ROLE_TAG, TASK_TAG, VARIANT_TAG, open_client
 
 _logger = logging.getLogger(__name__)
 
@@ -113,6 +113,9 @@ def _run_row(task: str, run) -> dict:
         if key.startswith("method.") and key.removeprefix("method.") not in ignored
     }
     setup = {k: v for k, v in params.items() if k.startswith(("model.", "task."))}
+    inputs = run.data.tags.get(INPUTS_TAG, "")
+    if inputs:  # the same file paths with other contents are another setup
+        setup["inputs"] = inputs
     return {
         "task": task,
         "scale": run.data.tags.get("scale"),

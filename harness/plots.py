@@ -36,7 +36,9 @@ def _labelled(table: pl.DataFrame) -> pl.DataFrame:
         label = row["method"] + (f" ({row['selection']})" if row.get("selection") else "")
         rows.append(
             {
+                # each variant and query set is a task of its own in every figure
                 "task": f"{row['task']}/{row['scale']}"
+                + (f" [{row['variant']}]" if row.get("variant") else "")
                 + ("" if row["queries"] == "all" else f" [{row['queries']}]"),
                 "metric": metric,
                 "configuration": label,

@@ -28,7 +28,7 @@ from harness.resources import CostMeter
 from harness.retrain import SubsetPool, build_pool
 from harness.splits import QUERY_SETS, select_queries
 from harness.task import TASKS, Task
-from harness.tracking import VARIANT_TAG, Tracker, code_version, tracking_uri
+from harness.tracking import INPUTS_TAG, VARIANT_TAG, Tracker, code_version, tracking_uri
 from harness.unlearning import RemovableShards, never_seen_in_pool, unlearning_metrics
 
 _logger = logging.getLogger(__name__)
@@ -221,8 +221,9 @@ class Runner:
         tags: Mapping[str, str] | None = None,
     ) -> RunOutcome:
         """One tracked run of a fitted-and-scored method; ``tags`` are added to the run's."""
-        variant = f"[{plan.task.variant}]" if plan.task.variant else ""
-        name = f"{method.name}-{plan.task.name}{variant}-{plan.scale}-seed{plan.seed}"
+        variant = plan.task.variant(plan.scale)
+        label = f"{plan.task.name}[{variant}]" if variant else plan.task.name
+        name = f"{method.name}-{label}-{plan.scale}-seed{plan.seed}"
         if plan.queries != "all":
             name += f"-{plan.queries}"
         tags = {
@@ -232,7 +233,8 @@ class Runner:
             "family": method.family,
             "task": plan.task.name,
             "scale": plan.scale,
-            VARIANT_TAG: plan.task.variant,
+            VARIANT_TAG: variant,
+            INPUTS_TAG: plan.task.inputs_fingerprint(plan.scale),
             "code_version": code_version(),
             "data_hash": bundle.data.fingerprint(),
             "model_key": bundle.model_key,
@@ -248,7 +250,9 @@ class Runner:
                 ]
                 model_metrics = plan.task.model_metrics(bundle)
                 run.log_metrics(model_metrics)
-                metrics = _evaluate(method, bundle, queries, run, plan.evaluation, truth)
+                metrics = _evaluate(
+                    method, bundle, queries, run, plan.evaluation, truth, query_set=plan.queries
+                )
                 metrics |= model_metrics
         except Exception as error:  # recorded in MLflow; the next method still runs
             return RunOutcome(method.name, None, "FAILED", {}, f"{type(error).__name__}: {error}")
@@ -290,6 +294,8 @@ def _evaluate(
     run,
     evaluation: Evaluation,
     truth: GroundTruth,
+    *,
+    query_set: str = "all",
 ) -> dict[str, float]:
     """Score the learned ``queries`` and log every metric group as soon as it exists."""
     task_metrics = {
@@ -301,9 +307,10 @@ def _evaluate(
     }
     run.log_metrics(task_metrics)
     if not queries:
+        chosen = len(select_queries(bundle.data.queries, query_set, seed=bundle.seed))
         raise ValueError(
-            f"the model learned none of the {len(bundle.data.queries)} queries in the query "
-            "set scored; there is nothing to attribute (train longer or use a larger scale)"
+            f"the model learned none of the {chosen} queries in the query set scored "
+            f"({query_set}); there is nothing to attribute (train longer or use a larger scale)"
         )
 
     with CostMeter() as fit_cost:

@@ -45,6 +45,7 @@ from harness.evaluation import Evaluation
 from harness.executor import ProcessExecutor
 from harness.method import METHODS, Method
 from harness.runner import Runner, RunOutcome, RunPlan, plan_runs
+from harness.splits import select_queries
 from harness.task import TASKS
 from harness.tracking import ROLE_TAG, ActiveRun
 
@@ -91,7 +92,7 @@ class SweepSpec:
         space = {
             name: distribution_json(d) for name, d in search_space(method, self.fixed).items()
         }
-        signature = {
+        return {
             "method": self.method,
             "task": self.task,
             "scale": self.scale,
@@ -99,10 +100,9 @@ class SweepSpec:
             "objectives": list(self.objectives),
             "fixed": dict(sorted(self.fixed.items())),
             "space": space,
+            # the settings as parsed, those equal to the preset left out
+            "variant": TASKS.get(self.task)(self.task_params).variant(self.scale),
         }
-        if self.task_params:  # absent for a preset task, as in studies made before variants
-            signature["task_params"] = dict(sorted(self.task_params.items()))
-        return signature
 
 
 def distribution_json(distribution) -> str:
@@ -228,16 +228,18 @@ class SweepResult:
 def run_sweep(spec: SweepSpec) -> SweepResult:
     check_spec(spec)
     runner = Runner(spec.results_dir, tracking_uri_override=spec.tracking_uri)
-    # the model, and any ground truth the objectives need, before any trial
-    runner.prepare(_plan(spec, spec.fixed, "tuning", _trial_evaluation(spec)))
-
     study = optuna.create_study(
         study_name=spec.study_name,
         storage=open_storage(spec.storage),
         directions=spec.directions,
         load_if_exists=True,
     )
-    _check_signature(study, spec)
+    _check_signature(study, spec)  # a conflict is refused before any training
+    # the model, and any ground truth the objectives need, before any trial
+    bundle, _ = runner.prepare(_plan(spec, spec.fixed, "tuning", _trial_evaluation(spec)))
+    sides = ("tuning", "heldout") if spec.seed in spec.heldout_seeds else ("tuning",)
+    for side in sides:
+        _check_learned_queries(bundle, side)
     parent_id = _parent_run(runner, study, spec)
     _fail_stale_trials(study)
     done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
@@ -287,17 +289,30 @@ def _plan(spec: SweepSpec, params: Mapping[str, str], queries: str, evaluation) 
     )
 
 
+def _check_learned_queries(bundle, side: str) -> None:
+    """Refuse a sweep whose trials or held-out runs would find no learned query to score."""
+    chosen = select_queries(bundle.data.queries, side, seed=bundle.seed)
+    if not any(bundle.learned[q.id] for q in chosen):
+        raise ParameterError(
+            f"the model learned none of the {len(chosen)} {side} queries (seed {bundle.seed}; "
+            f"{sum(bundle.learned.values())} of all {len(bundle.data.queries)} learned): "
+            "the sweep would have nothing to score there; use a larger scale"
+        )
+
+
 def _check_signature(study: optuna.Study, spec: SweepSpec) -> None:
     wanted = spec.signature()
     stored = study.user_attrs.get("signature")
     if stored is None:
         study.set_user_attr("signature", wanted)
         return
-    changed = [k for k in wanted if stored.get(k) != wanted[k]]
+    # a study made before task variants existed was made for the preset
+    stored = {"variant": "", **stored}
+    changed = [k for k in {**stored, **wanted} if stored.get(k) != wanted.get(k)]
     if changed:
         raise SweepConflictError(
             f"study {spec.study_name!r} in {spec.storage} was created with another "
-            + "; ".join(_difference(k, stored.get(k), wanted[k]) for k in changed)
+            + "; ".join(_difference(k, stored.get(k), wanted.get(k)) for k in changed)
             + ". Rerun the original command to resume it, or pass --study-name NEW for a "
             "new study"
         )
@@ -309,7 +324,9 @@ def _difference(key: str, stored, wanted) -> str:
             f"search space (stored: {', '.join(stored) or 'none'}; "
             f"now: {', '.join(wanted) or 'none'}; or their ranges differ)"
         )
-    label = {"fixed": "fixed parameters", "task_params": "task settings"}.get(key, key)
+    if key == "variant":
+        return f"task settings (stored: {stored or 'the preset'}; now: {wanted or 'the preset'})"
+    label = {"fixed": "fixed parameters"}.get(key, key)
     return f"{label} (stored: {stored}; now: {wanted})"
 
 

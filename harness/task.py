@@ -20,9 +20,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from harness.cache import code_fingerprint
 from harness.data import TaskData
 from harness.errors import UnknownNameError
 from harness.params import Params
+from harness.pretrained import fingerprint as pretrained_fingerprint
 from harness.registry import Registry
 from harness.training import TrainRecipe
 
@@ -72,10 +74,29 @@ class Task(abc.ABC):
     def __init__(self, overrides: Mapping[str, str] | None = None) -> None:
         self.overrides = dict(overrides or {})
 
-    @property
-    def variant(self) -> str:
-        """The overrides as ``key=value,...`` in name order; empty for the presets."""
-        return ",".join(f"{key}={self.overrides[key]}" for key in sorted(self.overrides))
+    def variant(self, scale: str) -> str:
+        """The settings that differ from the scale's preset, as ``key=value,...`` in name
+        order (values as parsed: ``paraphrase=True`` whether typed true, 1 or yes); empty
+        for the preset itself."""
+        preset, settings = self.scale(scale), self.settings(scale)
+        changed = []
+        for key in sorted(self.overrides):
+            if key.startswith(RECIPE_PREFIX):
+                name = key.removeprefix(RECIPE_PREFIX)
+                value, default = getattr(settings.recipe, name), getattr(preset.recipe, name)
+            else:
+                value, default = getattr(settings.config, key), getattr(preset.config, key)
+            if value != default:
+                changed.append(f"{key}={value}")
+        return ",".join(changed)
+
+    def inputs_fingerprint(self, scale: str) -> str:
+        """A hash of the user files and pretrained model these settings read; empty if none."""
+        settings = self.settings(scale)
+        parts = [code_fingerprint(files) for files in [self.input_files(settings.config)] if files]
+        if settings.recipe.pretrained:
+            parts.append(pretrained_fingerprint(settings.recipe.pretrained))
+        return "-".join(parts)
 
     def settings(self, scale: str) -> Scale:
         """The scale's preset with this task's overrides applied and validated."""

@@ -27,6 +27,7 @@ _logger = logging.getLogger(__name__)
 TASK_TAG = "harness.task"
 ROLE_TAG = "harness.role"  # "sweep" on a study's parent run, "trial" on its trials
 VARIANT_TAG = "task_variant"  # the task's setting overrides (key=value,...); empty for presets
+INPUTS_TAG = "task_inputs"  # a hash of a task's user files and pretrained model; empty if none
 MAX_PARAM_LENGTH = 6000
 
 

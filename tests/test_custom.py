@@ -289,3 +289,37 @@ def test_a_byte_level_bpe_target_is_encoded_as_it_follows_the_prompt(tmp_path):
     sequences = encode_completions([prompt], [target], tokenizer, context=32)
     scored = sequences.targets[0][sequences.loss_mask[0] == 1].tolist()
     assert scored == target_ids
+
+
+def test_variants_name_parsed_values_that_differ_from_the_preset():
+    facts = TASKS.get("facts")
+    assert facts({"paraphrase": "1"}).variant("tiny") == "paraphrase=True"
+    assert facts({"paraphrase": "yes"}).variant("tiny") == "paraphrase=True"
+    assert facts({"paraphrase": "false", "model.steps": "300"}).variant("tiny") == ""
+    assert facts({"model.steps": "400", "entities": "6"}).variant("tiny") == (
+        "entities=6,model.steps=400"
+    )
+
+
+def test_an_edited_file_under_the_same_path_is_another_leaderboard_row(tmp_path, facts_files):
+    folder, _ = facts_files
+    files = tmp_path / "files"
+    files.mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl", "heldout.jsonl"):
+        (files / name).write_text((folder / name).read_text())
+    settings = [
+        item
+        for key, value in _settings(files).items()
+        for item in ("--task-param", f"{key}={value}")
+    ]
+    results = tmp_path / "results"
+    command = ["--results-dir", str(results), "run", "--method", "bm25", "--task", "custom",
+               "--scale", "tiny", *settings, "--no-lds", "--no-reliability"]  # fmt: skip
+    assert CliRunner().invoke(main, command).exit_code == 0
+    queries = (files / "queries.jsonl").read_text().splitlines()
+    (files / "queries.jsonl").write_text("\n".join(queries[: len(queries) // 2]) + "\n")
+    assert CliRunner().invoke(main, [*command, "--seed", "1"]).exit_code == 0
+    board = CliRunner().invoke(main, ["--results-dir", str(results), "leaderboard"])
+    assert board.exit_code == 0, board.output
+    rows = (results / "leaderboard.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2  # never pooled as two seeds of one configuration

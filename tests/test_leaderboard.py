@@ -151,3 +151,27 @@ def test_each_task_ranks_by_its_primary_metric():
     board = build_leaderboard(runs)
     assert board["method"].to_list() == ["experts", "bm25", "nan"]  # NaN last, never first
     assert board["rank"].to_list()[:2] == [1, 2]
+
+
+def test_task_variants_are_ranked_apart_and_plotted_apart():
+    from harness.plots import _labelled
+
+    runs = pl.DataFrame(
+        [
+            _run("bm25", 0, 1.0),
+            _run("bm25", 0, 0.8, variant="paraphrase=True", setup="s2"),
+            _run("tracin", 0, 0.5, variant="paraphrase=True", setup="s2"),
+        ]
+    )
+    table = build_leaderboard(runs)
+    ranks = {(r["variant"], r["method"]): r["rank"] for r in table.iter_rows(named=True)}
+    assert ranks == {
+        ("", "bm25"): 1,
+        ("paraphrase=True", "bm25"): 1,
+        ("paraphrase=True", "tracin"): 2,
+    }
+    labels = _labelled(table)
+    assert sorted(set(labels["task"].to_list())) == [
+        "facts/small", "facts/small [paraphrase=True]"
+    ]  # fmt: skip
+    assert labels.filter(pl.col("configuration") == "bm25")["value"].sort().to_list() == [0.8, 1.0]

@@ -124,6 +124,25 @@ def test_rerunning_resumes_the_study_and_a_changed_space_is_refused(results_dir)
     with pytest.raises(SweepConflictError, match="objectives"):
         run_sweep(_spec(results_dir, objectives=("auprc",)))
     run_sweep(_spec(results_dir, fixed={"k1": "1.0"}, study_name="other", trials=1))
+    # a task variant is another study, in either direction, however its value is typed
+    with pytest.raises(SweepConflictError, match=r"task settings \(stored: the preset; now: "):
+        run_sweep(_spec(results_dir, task_params={"paraphrase": "yes"}))
+    spec = _spec(results_dir, task_params={"min_statements": "3"}, study_name="variant")
+    variant = optuna.create_study(study_name="variant", storage=storage)
+    variant.set_user_attr("signature", spec.signature())
+    with pytest.raises(SweepConflictError, match=r"stored: min_statements=3; now: the preset"):
+        run_sweep(_spec(results_dir, study_name="variant"))
+    assert (
+        spec.signature()
+        == _spec(
+            results_dir, task_params={"min_statements": "03"}, study_name="variant"
+        ).signature()
+    )
+    # the preset's own value is the preset
+    assert (
+        _spec(results_dir, task_params={"min_statements": "2"}).signature()
+        == _spec(results_dir).signature()
+    )
 
 
 @dataclasses.dataclass(frozen=True)
