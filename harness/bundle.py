@@ -261,7 +261,7 @@ def _check_vocabulary(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
     if embeddings is None and hasattr(model, "inner"):
         embeddings = model.inner.get_input_embeddings()
     if embeddings is not None and len(tokenizer) > embeddings.num_embeddings:
-        raise ValueError(
+        raise ParameterError(
             f"the tokenizer has {len(tokenizer)} tokens but the model embeds only "
             f"{embeddings.num_embeddings}; the model and tokenizer folders do not match"
         )

@@ -129,7 +129,8 @@ def list_command() -> None:
             click.echo(
                 f"      {p['name']}={p['default']!r} ({p['type']}{_bounds(p)}): {p['help']}"
             )
-    click.echo("Tasks:")
+    click.echo("Tasks (--task-param values shown are the default scale's; model.KEY sets the "
+               "model recipe, e.g. model.steps):")  # fmt: skip
     for cls in TASKS:
         click.echo(f"  {cls.name:<10} {cls.description} (primary metric: {cls.primary_metric})")
         for scale, preset in cls.scales.items():
@@ -316,7 +317,10 @@ def run(
         outcomes = runner.execute(plan)
     except ParameterError as error:  # settings that needed the task's data to check
         raise click.UsageError(str(error)) from None
-    _print_summary(outcomes, plan.task.name, plan.scale)
+    variant = plan.task.variant(plan.scale)
+    _print_summary(
+        outcomes, f"{plan.task.name}[{variant}]" if variant else plan.task.name, plan.scale
+    )
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
     where = f" --results-dir {obj['results_dir']}" if obj["results_dir"] != DEFAULT_RESULTS else ""
     where += f" --tracking-uri {obj['tracking_uri']}" if obj["tracking_uri"] else ""

@@ -15,6 +15,7 @@ switched off before ``transformers`` is imported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -27,6 +28,8 @@ from torch import nn
 from harness.errors import ParameterError
 
 INSTALL_HINT = "install it with: pip install 'provenance-harness[hf]'"
+# what save_pretrained writes for the tokenizers transformers knows
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def _transformers():
@@ -52,6 +55,20 @@ def check_model_dir(path: str) -> None:
             f"pretrained model directory {path!r} has no config.json; give a folder written by "
             "a transformers model's save_pretrained (with its tokenizer)"
         )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ParameterError(
+            f"pretrained model directory {path!r} has no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}); save the tokenizer into it with save_pretrained"
+        )
+
+
+@contextlib.contextmanager
+def _loading(path: str, what: str):
+    """Report a folder transformers cannot load as bad input, naming the folder."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as error:  # missing weights, bad JSON, ...
+        raise ParameterError(f"cannot load the {what} in {path!r}: {error}") from None
 
 
 @functools.cache
@@ -82,18 +99,20 @@ class PretrainedConfig:
     def build(self) -> PretrainedLM:
         """The pretrained weights: where fine-tuning starts."""
         transformers = _transformers()
-        inner = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, local_files_only=True, attn_implementation="eager", dtype=torch.float32
-        )
+        with _loading(self.path, "pretrained model"):
+            inner = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, local_files_only=True, attn_implementation="eager", dtype=torch.float32
+            )
         return PretrainedLM(inner, self.context)
 
     def build_random(self) -> PretrainedLM:
         """Freshly initialised weights of the same architecture, from torch's random state."""
         transformers = _transformers()
-        config = transformers.AutoConfig.from_pretrained(self.path, local_files_only=True)
-        inner = transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation="eager", dtype=torch.float32
-        )
+        with _loading(self.path, "model config"):
+            config = transformers.AutoConfig.from_pretrained(self.path, local_files_only=True)
+            inner = transformers.AutoModelForCausalLM.from_config(
+                config, attn_implementation="eager", dtype=torch.float32
+            )
         return PretrainedLM(inner, self.context)
 
 
@@ -152,7 +171,10 @@ class PretrainedTokenizer:
     def __init__(self, path: str) -> None:
         transformers = _transformers()
         self.path = path
-        self._tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        with _loading(path, "tokenizer"):
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+                path, local_files_only=True
+            )
         tokenizer = self._tokenizer
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else None
         bos = bos if bos is not None else tokenizer.eos_token_id
@@ -212,16 +234,22 @@ def save_word_level_model(
     tests, without downloading anything: a real checkpoint goes through the same
     ``save_pretrained`` folder format.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    from harness.tokenizer import SPECIALS, split_words
+    from harness.tokenizer import _TOKEN, SPECIALS, split_words
 
     transformers = _transformers()
     words = sorted({word for text in texts for word in split_words(text)})
     vocabulary = {token: i for i, token in enumerate([*SPECIALS, *words])}
     core = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    # the harness's own split: lower-case words (with an apostrophe suffix) and single marks
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(_TOKEN.pattern), behavior="isolated"),
+        ]
+    )
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>"
     ).save_pretrained(folder)
@@ -232,6 +260,9 @@ def save_word_level_model(
         num_attention_heads=heads,
         intermediate_size=4 * width,
         max_position_embeddings=context,
+        bos_token_id=vocabulary["<bos>"],
+        eos_token_id=vocabulary["<bos>"],
+        pad_token_id=vocabulary["<pad>"],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

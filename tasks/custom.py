@@ -111,6 +111,11 @@ class CustomTask(Task, name="custom"):
         return settings
 
     def recipe(self, config: CustomConfig, recipe: TrainRecipe) -> TrainRecipe:
+        if config.model and recipe.pretrained and recipe.pretrained != config.model:
+            raise ParameterError(
+                f"model={config.model!r} and model.pretrained={recipe.pretrained!r} name two "
+                "models; give one"
+            )
         if config.model:
             return dataclasses.replace(recipe, pretrained=config.model)
         return recipe
@@ -125,7 +130,9 @@ class CustomTask(Task, name="custom"):
             heldout = [row["text"] for _, row in _rows(Path(config.heldout), HELDOUT_FIELDS)]
         else:
             documents, heldout = _hold_out(documents, queries, config.heldout_fraction, seed)
-        reserved = {q.target for q in queries} | {c for q in queries for c in q.candidates}
+        # every word a query reads or answers with keeps its own token, however rare in
+        # the corpus (the word tokenizer would read it as <unk>)
+        reserved = {text for q in queries for text in (q.prompt, q.target, *q.candidates)}
         try:
             return TaskData(
                 task=self.name,
@@ -142,7 +149,7 @@ def _rows(path: Path, fields: dict[str, type]) -> list[tuple[int, dict[str, Any]
     """(line number, object) per non-blank line, each field checked for its type."""
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a leading BOM is allowed
     except (OSError, UnicodeDecodeError) as error:
         raise InputFileError(f"{path}: cannot read it as UTF-8 text ({error})") from None
     for number, line in enumerate(lines, start=1):

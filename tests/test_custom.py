@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -59,8 +60,8 @@ def test_exported_files_load_back_as_the_same_task(facts_files):
         (q.id, q.prompt, q.target, q.relevant, q.candidates) for q in original.queries
     ]
     assert loaded.heldout_texts == original.heldout_texts
-    # every target word is kept by the word tokenizer, however rare
-    assert {w for q in original.queries for w in split_words(q.target)} <= {
+    # every word of every prompt and target is kept by the word tokenizer, however rare
+    assert {w for q in original.queries for w in split_words(f"{q.prompt} {q.target}")} <= {
         w for r in loaded.reserved_words for w in split_words(r)
     }
 
@@ -209,7 +210,7 @@ def test_local_transformers_model_runs_end_to_end_offline(
          "--task", "custom", "--scale", "tiny", *settings, "--no-lds", "--no-reliability"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "custom/tiny: the model learned" in result.output
+    assert re.search(r"custom\[corpus=.*model=.*\]/tiny: the model learned", result.output)
     board = CliRunner().invoke(main, ["--results-dir", str(results), "leaderboard"])
     assert board.exit_code == 0, board.output
     rows = (results / "leaderboard.csv").read_text().splitlines()
@@ -323,3 +324,45 @@ def test_an_edited_file_under_the_same_path_is_another_leaderboard_row(tmp_path,
     assert board.exit_code == 0, board.output
     rows = (results / "leaderboard.csv").read_text().splitlines()[1:]
     assert len(rows) == 2  # never pooled as two seeds of one configuration
+
+
+def test_broken_model_folders_are_refused_before_training(tmp_path, facts_files, model_dir):
+    import shutil
+
+    folder, _ = facts_files
+
+    def plan(model: Path, **extra: str):
+        return plan_runs(
+            ["bm25"], "custom", scale="tiny", seed=0, overrides={},
+            task_params=_settings(folder, model=str(model), **extra),
+        )  # fmt: skip
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    shutil.copy(model_dir / "config.json", no_tokenizer)
+    with pytest.raises(ParameterError, match="has no tokenizer"):
+        plan(no_tokenizer)
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(ParameterError, match=r"cannot load the pretrained model in .*no-weights"):
+        plan(no_weights)
+    with pytest.raises(ParameterError, match="name two models"):
+        plan(model_dir, **{"model.pretrained": str(no_weights)})
+    with pytest.raises(ParameterError, match="exceeds the pretrained model's max_position"):
+        plan(model_dir, **{"model.context": "512"})
+
+
+def test_the_word_level_model_tokenizes_as_the_harness_does(tmp_path):
+    from harness.pretrained import PretrainedTokenizer
+    from harness.tokenizer import WordTokenizer
+
+    texts = ["Didn't the foo_bar -- café work? Yes, it's 42.", "Velin Dorsk was born in Quillon."]
+    save_word_level_model(texts, tmp_path, width=16, depth=1, heads=2)
+    pretrained, words = PretrainedTokenizer(str(tmp_path)), WordTokenizer.fit(texts, min_count=1)
+    for text in texts:
+        assert pretrained._tokenizer.convert_ids_to_tokens(pretrained.encode(text)) == [
+            words.vocabulary[i] for i in words.encode(text)
+        ]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["bos_token_id"] == pretrained.bos_id == words.bos_id
