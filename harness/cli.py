@@ -338,8 +338,19 @@ def _print_summary(outcomes: list[RunOutcome], task: str, scale: str) -> None:
             f"\n{task}/{scale}: the model learned {int(m['queries_scored'])} of the "
             f"{int(m['queries_total'])} queries' targets ({m['learned_fraction']:.0%}; "
             f"untrained: {m['learned_fraction_untrained']:.0%}), "
-            f"held-out loss {m['heldout_loss']:.3f}; attribution is scored on the learned ones.\n"
+            f"held-out loss {m['heldout_loss']:.3f}; attribution is scored on the learned ones."
         )
+        memorised = sorted(k for k in m if k.startswith("memorised_k"))
+        if memorised:  # task canaries: memorisation by repetition count
+            click.echo(
+                "Memorised (exposure in bits) by repetitions: "
+                + ", ".join(
+                    f"k={int(k.removeprefix('memorised_k'))} {m[k]:.0%} "
+                    f"({m[k.replace('memorised', 'exposure')]:.2f})"
+                    for k in memorised
+                )
+            )
+        click.echo()
     header = (
         f"{'method':<10} {'MRR [95% CI]':<22} {'R@1':>6} {'R@10':>6} {'R@50':>6} "
         f"{'AUPRC':>6} {'LDS':>6} {'seed ρ':>6} {'model ρ':>7} {'rand ρ':>6} "

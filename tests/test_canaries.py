@@ -186,3 +186,5 @@ def test_the_tiny_model_memorises_canaries_and_methods_run_on_them(tiny_results)
         assert 0 <= report[f"exposure_k{count:02d}"] <= bound
         if report[f"memorised_k{count:02d}"] == 1:  # every secret ranked first
             assert report[f"exposure_k{count:02d}"] == pytest.approx(bound)
+        shown = report[f"memorised_k{count:02d}"]
+        assert f"k={count} {shown:.0%}" in result.output  # the run summary shows it too
