@@ -193,6 +193,11 @@ def _parse_key_values(values: tuple[str, ...], *, option: str = "--param") -> di
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE, but got {item!r}", param_hint=option)
+        if key.strip() in pairs and pairs[key.strip()] != value.strip():
+            raise click.BadParameter(
+                f"{key.strip()} is given twice ({pairs[key.strip()]!r} and {value.strip()!r})",
+                param_hint=option,
+            )
         pairs[key.strip()] = value.strip()
     return pairs
 

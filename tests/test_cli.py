@@ -137,6 +137,27 @@ def test_list_shows_methods_tasks_and_parameters(results_dir):
         ),
         (["--method", "bm25", "--task", "facts", "--param", "k1"], "expected KEY=VALUE"),
         (
+            [
+                "--method",
+                "bm25",
+                "--task",
+                "facts",
+                "--task-param",
+                "entities=8",
+                "--task-param",
+                "entities=9",
+            ],
+            "entities is given twice",
+        ),
+        (
+            ["--method", "bm25", "--task", "facts", "--task-param", "paraphrase=maybe"],
+            "parameter 'paraphrase' must be a bool .* but got 'maybe'",
+        ),
+        (
+            ["--method", "bm25", "--task", "facts", "--task-param", "model.stepz=10"],
+            "unknown model recipe parameter 'stepz'",
+        ),
+        (
             ["--method", "bm25", "--task", "facts", "--param", "tracin.normalize=1"],
             (
                 "'tracin.normalize' is for method 'tracin', which is not selected; "
