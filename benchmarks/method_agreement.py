@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ def agreement(first: np.ndarray, second: np.ndarray) -> tuple[float, float]:
     """Mean over rows of Spearman's ρ, and of the shared share of the top-10 documents."""
     rhos, overlaps = [], []
     for a, b in zip(first, second, strict=True):
-        rho = stats.spearmanr(a, b).statistic
+        with warnings.catch_warnings():  # a constant row is expected (a method found nothing)
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            rho = stats.spearmanr(a, b).statistic
         rhos.append(0.0 if np.isnan(rho) else rho)  # a constant row agrees with nothing
         top_a, top_b = set(np.argsort(-a)[:TOP]), set(np.argsort(-b)[:TOP])
         overlaps.append(len(top_a & top_b) / TOP)
