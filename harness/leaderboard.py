@@ -62,6 +62,8 @@ METRICS = FIDELITY + INTERVALS + OTHER
 # ``queries``: all, or the held-out half of a sweep's split; ``selection``: for a sweep's
 # held-out runs, whether the configuration is the study's best or the method's default
 CONFIGURATION = ["task", "scale", "variant", "setup", "queries", "method", "params", "selection"]
+# rows are ranked against the others of the same task, scale, variant, setup and query set
+RANKED_WITHIN = ["task", "scale", "variant", "setup", "queries"]
 EXCLUDED_ROLES = ("sweep", "trial")  # a study's parent run and its trials: tuning, not results
 RANK_BY = "mrr"
 
@@ -169,35 +171,14 @@ def build_leaderboard(runs: pl.DataFrame) -> pl.DataFrame:
         key = pl.when(pl.col("task") == task).then(pl.col(metric)).otherwise(key)
     key = pl.when(key.is_nan()).then(None).otherwise(key)
     table = table.with_columns(
-        key.rank(method="min", descending=True)
-        .over("task", "scale", "variant", "setup", "queries")
-        .alias("rank")
+        key.rank(method="min", descending=True).over(*RANKED_WITHIN).alias("rank")
     )
-    ordered = [
-        "task",
-        "scale",
-        "variant",
-        "setup",
-        "queries",
-        "rank",
-        "method",
-        "selection",
-        "params",
-    ]
-    ordered += ["n_runs", "seeds"]
+    ordered = [*RANKED_WITHIN, "rank", "method", "selection", "params", "n_runs", "seeds"]
     ordered += ["ci_basis"]
     ordered += [f"{m}{s}" for m in FIDELITY for s in ("", "_ci_low", "_ci_high")]
     ordered += OTHER
     return table.select(ordered).sort(
-        "task",
-        "scale",
-        "variant",
-        "setup",
-        "queries",
-        "rank",
-        "method",
-        "selection",
-        nulls_last=True,
+        *RANKED_WITHIN, "rank", "method", "selection", nulls_last=True
     )
 
 
