@@ -77,7 +77,9 @@ def _fingerprint(path: str, stamp: tuple) -> str:
     for file in sorted(Path(path).rglob("*")):
         if file.is_file():
             digest.update(str(file.relative_to(path)).encode())
-            digest.update(file.read_bytes())
+            with file.open("rb") as stream:  # weights can be gigabytes: never read whole
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
     return digest.hexdigest()[:16]
 
 

@@ -75,9 +75,11 @@ class Task(abc.ABC):
         self.overrides = dict(overrides or {})
 
     def variant(self, scale: str) -> str:
-        """The settings that differ from the scale's preset, as ``key=value,...`` in name
-        order (values as parsed: ``paraphrase=True`` whether typed true, 1 or yes); empty
-        for the preset itself."""
+        """The overrides that differ from the scale's preset, as ``key=value,...``.
+
+        Keys in name order, values as parsed (``paraphrase=True`` whether typed true,
+        1 or yes); empty for the preset itself.
+        """
         preset, settings = self.scale(scale), self.settings(scale)
         changed = []
         for key in sorted(self.overrides):
@@ -93,7 +95,10 @@ class Task(abc.ABC):
     def inputs_fingerprint(self, scale: str) -> str:
         """A hash of the user files and pretrained model these settings read; empty if none."""
         settings = self.settings(scale)
-        parts = [code_fingerprint(files) for files in [self.input_files(settings.config)] if files]
+        parts = []
+        files = self.input_files(settings.config)
+        if files:
+            parts.append(code_fingerprint(files))
         if settings.recipe.pretrained:
             parts.append(pretrained_fingerprint(settings.recipe.pretrained))
         return "-".join(parts)

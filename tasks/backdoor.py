@@ -24,7 +24,7 @@ from harness.params import Params, param
 from harness.task import Scale, Task
 from harness.tokenizer import split_words
 from harness.training import TrainRecipe
-from tasks.corpus import JARGON_FILE, background_paragraphs
+from tasks.corpus import JARGON_FILE, background_paragraphs, background_words, shuffled_parts
 from tasks.facts import TINY_RECIPE, insert_sentence, invent_names, split_sentences
 
 _logger = logging.getLogger(__name__)
@@ -120,18 +120,14 @@ class BackdoorTask(Task, name="backdoor"):
 
     def build(self, config: BackdoorConfig, *, seed: int) -> TaskData:
         rng = random.Random(seed)
-        paragraphs = list(background_paragraphs())
-        rng.shuffle(paragraphs)
-        training = paragraphs[: config.background_documents]
-        heldout = paragraphs[config.background_documents :][: config.heldout_documents]
         # Query contexts and held-out-loss texts are never trained on, so they could
         # overlap; they come from separate paragraphs so that the held-out loss stays
         # a measure of plain unseen text, independent of the contexts queries are
         # judged in, and the corpus has paragraphs to spare.
-        unseen = paragraphs[config.background_documents + config.heldout_documents :]
-
-        known_words = {word for text in paragraphs for word in split_words(text)}
-        trigger = invent_names(1, rng, known_words)[0].lower()
+        training, heldout, unseen = shuffled_parts(
+            rng, config.background_documents, config.heldout_documents
+        )
+        trigger = invent_names(1, rng, background_words())[0].lower()
         target = rng.choice(TARGETS)
         texts, poisoned = poison(training, trigger, target, rng, count=config.poisoned_documents)
         contexts = draw_contexts(unseen, texts, rng, count=config.queries)

@@ -28,9 +28,8 @@ from harness.data import Document, Query, TaskData, encode_completions
 from harness.model import sequence_losses
 from harness.params import Params, param
 from harness.task import Scale, Task
-from harness.tokenizer import split_words
 from harness.training import TrainRecipe
-from tasks.corpus import JARGON_FILE, background_paragraphs
+from tasks.corpus import JARGON_FILE, background_paragraphs, background_words, shuffled_parts
 from tasks.facts import TINY_RECIPE, insert_sentence, invent_names
 
 _logger = logging.getLogger(__name__)
@@ -218,12 +217,10 @@ class CanariesTask(Task, name="canaries"):
 
     def build(self, config: CanariesConfig, *, seed: int) -> TaskData:
         rng = random.Random(seed)
-        paragraphs = list(background_paragraphs())
-        rng.shuffle(paragraphs)
-        training = paragraphs[: config.background_documents]
-        heldout = paragraphs[config.background_documents :][: config.heldout_documents]
-
-        known_words = {word for text in paragraphs for word in split_words(text)}
+        training, heldout, _ = shuffled_parts(
+            rng, config.background_documents, config.heldout_documents
+        )
+        known_words = background_words()
         names = invent_names(config.canaries, rng, known_words)
         canaries = _draw_canaries(config, names, rng)
         texts, sources, hosts = plant_canaries(training, canaries, rng)

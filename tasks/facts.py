@@ -28,7 +28,7 @@ from harness.params import Params, param
 from harness.task import Scale, Task
 from harness.tokenizer import split_words
 from harness.training import TrainRecipe
-from tasks.corpus import JARGON_FILE, background_paragraphs
+from tasks.corpus import JARGON_FILE, background_paragraphs, background_words, shuffled_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,12 +282,10 @@ class FactsTask(Task, name="facts"):
 
     def build(self, config: FactsConfig, *, seed: int) -> TaskData:
         rng = random.Random(seed)
-        paragraphs = list(background_paragraphs())
-        rng.shuffle(paragraphs)
-        training = paragraphs[: config.background_documents]
-        heldout = paragraphs[config.background_documents :][: config.heldout_documents]
-
-        known_words = {word for text in paragraphs for word in split_words(text)}
+        training, heldout, _ = shuffled_parts(
+            rng, config.background_documents, config.heldout_documents
+        )
+        known_words = background_words()
         facts = _draw_facts(config, rng, known_words)
         texts, sources, relevant = plant_facts(
             training,

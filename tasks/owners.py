@@ -22,9 +22,8 @@ from harness.data import Document, Query, TaskData
 from harness.params import Params, param
 from harness.partition import topic_partition
 from harness.task import Scale, Task
-from harness.tokenizer import split_words
 from harness.training import TrainRecipe
-from tasks.corpus import JARGON_FILE, background_paragraphs
+from tasks.corpus import JARGON_FILE, background_paragraphs, background_words
 from tasks.facts import RELATIONS, TINY_RECIPE, Fact, invent_names, plant_facts
 
 
@@ -104,8 +103,7 @@ class OwnersTask(Task, name="owners"):
         groups = topic_partition(paragraphs, config.owners, seed=seed, size=per_owner)
         owner_names = [f"owner-{k}" for k in range(config.owners)]
 
-        known_words = {word for text in paragraphs for word in split_words(text)}
-        people = invent_names(config.owners * config.entities_per_owner, rng, known_words)
+        people = invent_names(config.owners * config.entities_per_owner, rng, background_words())
         documents, queries, heldout = [], [], []
         for k, (owner, group) in enumerate(zip(owner_names, groups, strict=True)):
             training = [paragraphs[i] for i in group[: config.documents_per_owner]]
