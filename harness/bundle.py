@@ -303,7 +303,8 @@ def _check_fits_context(data: TaskData, tokenizer: Tokenizer, *, context: int) -
         raise ParameterError(
             f"{len(too_long)} documents exceed the model's context of {context} tokens "
             f"(longest {max(lengths.values())}, e.g. {too_long[:3]}); they would be truncated "
-            "and their ground truth lost. Shorten them or raise the recipe's context."
+            "and their ground truth lost. Shorten them or raise the recipe's context "
+            "(--task-param model.context=N)."
         )
     for query in data.queries:
         try:

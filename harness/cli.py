@@ -323,9 +323,10 @@ def run(
     except ParameterError as error:  # settings that needed the task's data to check
         raise click.UsageError(str(error)) from None
     variant = plan.task.variant(plan.scale)
-    _print_summary(
-        outcomes, f"{plan.task.name}[{variant}]" if variant else plan.task.name, plan.scale
-    )
+    label = f"{plan.task.name}[{variant}]" if variant else plan.task.name
+    _print_summary(outcomes, label, plan.scale)
+    if plan.task.primary_metric != "mrr":
+        click.echo(f"The leaderboard ranks {plan.task.name} by {plan.task.primary_metric}.")
     click.echo(f"\nResults: {obj['results_dir']}/  (MLflow store: {runner.tracker.uri})")
     where = f" --results-dir {obj['results_dir']}" if obj["results_dir"] != DEFAULT_RESULTS else ""
     where += f" --tracking-uri {obj['tracking_uri']}" if obj["tracking_uri"] else ""
@@ -698,7 +699,8 @@ def export(
     for path in write_task_files(data, out):
         click.echo(f"Wrote {path}")
     click.echo(
-        f"Load them with: harness run --task custom --task-param corpus={out}/corpus.jsonl "
+        f"Load them with: harness run --task custom --scale {scale} "
+        f"--task-param corpus={out}/corpus.jsonl "
         f"--task-param queries={out}/queries.jsonl --task-param heldout={out}/heldout.jsonl "
         "--method ..."
     )
