@@ -8,7 +8,11 @@ its peak resident memory is its own), and printed as a multiple of
   one query × document product of P-dimensional gradients, at the float32
   matmul rate R measured at the start of this run; and
 - the plain baseline: ``torch.func`` vmap-of-grad per-example gradients and one
-  matrix product, the way most libraries compute gradient similarity.
+  matrix product, the way most libraries compute gradient similarity; and
+- the gemm floor: the gradient-dot work's matrix products alone, at their own
+  shapes, timed like any other figure. The bound assumes every product runs at
+  the rate of one large square one; the floor shows what this BLAS achieves on
+  the shapes the work has (tall, thin, and batches of small ones).
 
 Workloads: ``reference``, a randomly initialised GPT (2 layers, width 128, 4
 heads, context 64) over a byte-sized vocabulary, 100 query sequences scored
@@ -221,6 +225,96 @@ def _plain_loop(bundle, queries) -> None:
     torch.stack(columns, dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmWork:
+    """The matrix products of the gradient-dot work: linear layers' (in, out) and chunks.
+
+    Chunks are (sequences, length) pairs as the harness forms them: sorted by
+    length, ``CHUNK`` at a time, each trimmed to its longest sequence.
+    """
+
+    layers: list[tuple[int, int]]
+    query_chunks: list[tuple[int, int]]
+    document_chunks: list[tuple[int, int]]
+    queries: int
+
+    @classmethod
+    def of(cls, bundle, queries) -> GemmWork:
+        from torch import nn
+
+        model = bundle.model()
+        layers = [
+            (m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)
+        ]
+        return cls(
+            layers,
+            _chunks(bundle.encode_queries(queries)),
+            _chunks(bundle.documents),
+            len(queries),
+        )
+
+    def flops(self) -> float:
+        """Forward, input-gradient and per-example weight-gradient products, then the
+        query × document product: what :func:`_gemm_floor` computes."""
+        weights = sum(i * o for i, o in self.layers)
+        tokens = sum(n * length for n, length in self.query_chunks + self.document_chunks)
+        documents = sum(n for n, _ in self.document_chunks)
+        return 6.0 * weights * tokens + 2.0 * self.queries * documents * weights
+
+
+def _chunks(sequences) -> list[tuple[int, int]]:
+    lengths = sequences.loss_mask.flip(1).cumsum(1).gt(0).sum(1).sort().values
+    return [
+        (len(lengths[s : s + CHUNK]), int(lengths[s : s + CHUNK].max()))
+        for s in range(0, len(lengths), CHUNK)
+    ]
+
+
+def _gemm_floor(bundle, queries) -> None:
+    """The gradient-dot work's matrix products alone, at their own shapes; nothing else.
+
+    For every linear layer (the output head included) and every chunk, the
+    forward product, the input-gradient product and the per-example
+    weight-gradient products, then each document chunk's product with the query
+    gradients (:class:`GemmWork`). Attention, normalisation, activations, the
+    loss and the embeddings, which have no matrix product, are left out. So no
+    float32 implementation built on this BLAS can take less, and the ratio of
+    this figure to the FLOP bound shows how much of the gap is the library's
+    speed on these shapes rather than the harness's own overhead.
+    """
+    work = GemmWork.of(bundle, queries)
+    longest = max(length for _, length in work.query_chunks + work.document_chunks)
+    generator = torch.Generator().manual_seed(0)
+
+    def operand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    weights = [operand(o, i) for i, o in work.layers]
+    inputs = [operand(CHUNK * longest, i) for i, _ in work.layers]
+    output_grads = [operand(CHUNK * longest, o) for _, o in work.layers]
+    per_example = [torch.empty(CHUNK, o, i) for i, o in work.layers]
+    query_grads = [operand(work.queries, o * i) for i, o in work.layers]
+
+    def gradients(batch: int, length: int) -> None:
+        for layer, weight in enumerate(weights):
+            a = inputs[layer][: batch * length]
+            e = output_grads[layer][: batch * length]
+            a @ weight.T  # forward
+            e @ weight  # the gradient of the layer's input
+            torch.bmm(
+                e.view(batch, length, -1).transpose(1, 2),
+                a.view(batch, length, -1),
+                out=per_example[layer][:batch],
+            )
+
+    for batch, length in work.query_chunks:
+        gradients(batch, length)
+    for batch, length in work.document_chunks:
+        gradients(batch, length)
+        for layer, grads in enumerate(query_grads):
+            grads @ per_example[layer][:batch].view(batch, -1).T
+
+
 def _method(name: str, overrides: dict[str, str]) -> Callable[[Any, Any], None]:
     def run(bundle, queries) -> None:
         from harness.method import METHODS
@@ -238,6 +332,7 @@ MEASURES: dict[str, tuple[Callable[..., None], str]] = {
     "plain_dot": (_plain_dot, "gradient-dot work: gradients of all sequences + one product"),
     "vmap_baseline": (_vmap_baseline, "plain baseline: torch.func vmap-of-grad + one product"),
     "plain_loop": (_plain_loop, "one autograd call per sequence + one product"),
+    "gemm_floor": (_gemm_floor, "the gradient-dot work's matrix products alone"),
 }
 
 
@@ -413,14 +508,18 @@ def run_benchmark(
                 f"  {measure:<44} cold {timing.cold:7.2f} s  warm {timing.warm:7.2f} s "
                 f"= {timing.warm / bound:5.2f}× bound  peak {timing.peak_memory_mb:6.0f} MiB"
             )
-        baseline = next((r for r in rows[first:] if r["measure"] == "vmap_baseline"), None)
-        for row in rows[first:]:
-            for run in ("cold", "warm"):
-                row[f"x_plain_baseline_{run}"] = (
-                    row[f"seconds_{run}"] / baseline[f"seconds_{run}"]
-                    if baseline
-                    else float("nan")
-                )
+        for reference, column in (
+            ("vmap_baseline", "plain_baseline"),
+            ("gemm_floor", "gemm_floor"),
+        ):
+            divisor = next((r for r in rows[first:] if r["measure"] == reference), None)
+            for row in rows[first:]:
+                for run in ("cold", "warm"):
+                    row[f"x_{column}_{run}"] = (
+                        row[f"seconds_{run}"] / divisor[f"seconds_{run}"]
+                        if divisor
+                        else float("nan")
+                    )
         if workload == "reference" and scale_up > 1:
             report(f"  memory with {scale_up}× the training documents (one run each):")
             # the streamed path and the stored one: both must stay flat in memory
@@ -463,7 +562,7 @@ def default_measures(methods: list[str]) -> list[str]:
             timed.append("trak:projection_dim=512,last_checkpoints=1")
         else:
             timed.append(name)
-    return ["featurize", "plain_dot", "vmap_baseline", "plain_loop", *timed]
+    return ["gemm_floor", "featurize", "plain_dot", "vmap_baseline", "plain_loop", *timed]
 
 
 def environment() -> dict[str, Any]:

@@ -817,7 +817,11 @@ def bench_command(
     threads: int,
     out: Path | None,
 ) -> None:
-    """Time gradient attribution against the FLOP lower bound and the plain baseline."""
+    """Time gradient attribution against the FLOP lower bound and the plain baseline.
+
+    The gemm floor is the same work's matrix products alone, at their own shapes:
+    the least any float32 implementation on this machine's BLAS could take.
+    """
     names = [name.strip() for name in methods.split(",") if name.strip()]
     if not names:
         raise click.BadParameter("name at least one gradient method", param_hint="--method")
@@ -855,7 +859,7 @@ def bench_command(
     table.write_csv(out)
     shown = table.filter(pl.col("x_plain_baseline_warm").is_not_null()).select(
         "workload", "measure", "seconds_cold", "seconds_warm", "x_flop_bound_warm",
-        "x_plain_baseline_warm", "peak_memory_mb",
+        "x_gemm_floor_warm", "x_plain_baseline_warm", "peak_memory_mb",
     )  # fmt: skip
     with pl.Config(tbl_rows=100, float_precision=2, tbl_hide_dataframe_shape=True,
                    fmt_str_lengths=44, tbl_width_chars=160):  # fmt: skip

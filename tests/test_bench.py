@@ -20,6 +20,24 @@ def test_the_flop_bound_counts_every_token_and_the_product(tmp_path):
     assert bundle.documents.inputs.shape == (10, 64)
 
 
+def test_the_gemm_floor_does_the_bounds_linear_arithmetic_and_no_more(tmp_path):
+    bundle = bench.reference_bundle(200, 3, tmp_path)
+    queries = bundle.learned_queries
+    work = bench.GemmWork.of(bundle, queries)
+    model = bundle.model()
+    linear = [model.head] + [m for b in model.blocks for m in (b.attention.qkv, b.attention.proj,
+                                                               b.mlp[0], b.mlp[2])]  # fmt: skip
+    weights = sum(m.weight.numel() for m in linear)
+    assert sorted(work.layers) == sorted((m.in_features, m.out_features) for m in linear)
+    assert work.document_chunks == [(96, 64), (96, 64), (8, 64)]
+    assert work.query_chunks == [(3, 64)]
+    expected = 6 * weights * 64 * 203 + 2 * 3 * 200 * weights
+    assert work.flops() == expected
+    # the linear layers hold most of the model, and never more arithmetic than the bound counts
+    bound_flops = bench.flop_bound(bundle, queries, 1.0)
+    assert 0.85 * bound_flops < work.flops() <= bound_flops
+
+
 def test_bench_rejects_a_method_outside_the_gradient_family(tmp_path):
     result = CliRunner().invoke(
         main, ["--results-dir", str(tmp_path), "bench", "--method", "bm25"]
@@ -40,7 +58,8 @@ def test_bench_measures_and_writes_every_figure(tmp_path):
     assert result.exit_code == 0, result.output
     table = pl.read_csv(out)
     measures = set(table["measure"])
-    assert {"featurize", "plain_dot", "vmap_baseline", "plain_loop", "grad_dot"} <= measures
+    assert {"gemm_floor", "featurize", "plain_dot", "vmap_baseline", "plain_loop"} <= measures
+    assert "grad_dot" in measures
     assert "trak:projection_dim=512,last_checkpoints=1" in measures
     assert (table["seconds_cold"] > 0).all() and (table["peak_memory_mb"] > 100).all()
     base = table.filter(pl.col("workload") == "reference")
