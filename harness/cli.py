@@ -21,7 +21,7 @@ from harness import sweep as sweep_module
 from harness import ui as ui_module
 from harness.errors import HarnessError, ParameterError
 from harness.evaluation import Evaluation
-from harness.leaderboard import write_leaderboard
+from harness.leaderboard import PARAMS_WIDTH, terminal_tables, write_leaderboard
 from harness.method import METHODS
 from harness.resources import keep_freed_memory
 from harness.runner import Runner, RunOutcome, parse_method_names, plan_runs
@@ -618,14 +618,6 @@ def _cell(metrics: dict[str, float], name: str, width: int = 6) -> str:
     return f"{metrics[name]:>{width}.3f}" if name in metrics else f"{'-':>{width}}"
 
 
-LEADERBOARD_SHOWN = ["task", "scale", "variant", "queries", "rank", "method", "selection",
-                     "params", "seeds", "mrr", "mrr_ci_low",
-                     "mrr_ci_high", "recall_at_10", "auprc", "lds", "seed_stability",
-                     "model_seed_stability", "randomization_correlation",
-                     "owner_top1", "owner_spearman", "heldout_loss_delta",
-                     "score_seconds"]  # fmt: skip
-
-
 @main.command()
 @click.option("--task", "tasks", multiple=True, help="Only these tasks (repeatable).")
 @click.option(
@@ -656,9 +648,12 @@ def leaderboard(obj: dict, tasks: tuple[str, ...], out: Path | None, plots: bool
     if table.is_empty():
         click.echo("No finished runs yet: start one with `harness run --method all --task facts`.")
     else:
-        with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=200, float_precision=3,
-                       tbl_hide_dataframe_shape=True, fmt_str_lengths=120):  # fmt: skip
-            click.echo(table.select(LEADERBOARD_SHOWN))
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=250, float_precision=3,
+                       tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
+                       fmt_str_lengths=PARAMS_WIDTH, tbl_formatting="ASCII_MARKDOWN"):  # fmt: skip
+            for title, view in terminal_tables(table):
+                click.echo(f"\n{title}")
+                click.echo(view)
     click.echo(f"Wrote {out}")
     if plots and not table.is_empty():
         from harness.plots import write_plots  # matplotlib loads only when asked for

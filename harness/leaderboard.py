@@ -217,3 +217,64 @@ def write_leaderboard(uri: str, out: Path, *, tasks: Sequence[str] = ()) -> pl.D
     table.write_csv(out)
     _logger.info("wrote %d leaderboard rows to %s", table.height, out)
     return table
+
+
+# --- the terminal's view ---------------------------------------------------------------
+
+# shown beside the primary metric when a group has them; the CSV holds everything
+SHOWN_RELIABILITY = ["seed_stability", "model_seed_stability", "randomization_correlation"]
+SHOWN_COST = ["heldout_loss_delta", "score_seconds"]
+PARAMS_WIDTH = 36
+
+
+def terminal_tables(table: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    """The leaderboard as a terminal shows it: one narrow table per ranked group.
+
+    Each group (task, scale, variant, setup, query set) gets a title naming it and
+    the metric it is ranked by, then rank, method, the parameters that differ from
+    the method's defaults, the primary metric with its 95% interval, and only those
+    other fidelity, reliability and cost columns that some row of the group has.
+    """
+    views = []
+    for keys, group in table.group_by(RANKED_WITHIN, maintain_order=True):
+        task, scale, variant, _, queries = keys
+        primary = primary_metric(str(task))
+        title = f"{task} · scale {scale}"
+        title += f" · {variant}" if variant else ""
+        title += f" · {queries} queries · ranked by {primary}"
+        columns = [
+            pl.col("rank"),
+            pl.col("method"),
+            pl.struct("method", "params")
+            .map_elements(_changed_params, return_dtype=pl.String)
+            .alias("params"),
+            pl.col("seeds"),
+            _shown(primary),
+            pl.format("[{}, {}]", *[_shown(f"{primary}{side}") for side, _ in SIDES]).alias(
+                "95% interval"
+            ),
+        ]
+        if (group["selection"] != "").any():
+            columns.insert(2, pl.col("selection"))
+        others = [m for m in FIDELITY if m != primary] + SHOWN_RELIABILITY + SHOWN_COST
+        columns += [_shown(m) for m in others if group[m].is_not_null().any()]
+        views.append((title, group.select(columns)))
+    return views
+
+
+def _shown(metric: str) -> pl.Expr:
+    """Three decimals, and a blank where a row has no value."""
+    text = pl.col(metric).map_elements(lambda v: f"{v:.3f}", return_dtype=pl.String)
+    return text.fill_null("").alias(metric)
+
+
+def _changed_params(row: dict) -> str:
+    """``key=value`` for each parameter that differs from the method's default, abridged."""
+    values = json.loads(row["params"])
+    try:
+        defaults = METHODS.get(row["method"]).Params().to_dict()
+    except UnknownNameError:  # a plugin no longer installed: show every parameter
+        defaults = {}
+    changed = [f"{k}={v}" for k, v in values.items() if str(defaults.get(k, object())) != v]
+    text = " ".join(changed) or "defaults"
+    return text if len(text) <= PARAMS_WIDTH else text[: PARAMS_WIDTH - 1] + "…"

@@ -235,6 +235,8 @@ def test_run_all_methods_then_leaderboard(results_dir, caplog):
     out = results_dir / "board.csv"
     board = _invoke(results_dir, "leaderboard", "--out", str(out))
     assert board.exit_code == 0, board.output
+    assert "facts · scale tiny · all queries · ranked by mrr" in board.output
+    assert "{" not in board.output  # parameters as key=value, not JSON cells
     table = pl.read_csv(out)
     assert table.height == len(METHODS.names()) and set(table["method"]) == set(METHODS.names())
     assert table.filter(pl.col("method") == "bm25")["n_runs"].item() == 1  # same seed: once

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from harness.leaderboard import METRICS, build_leaderboard
+from harness.leaderboard import METRICS, build_leaderboard, terminal_tables
 
 
 def _run(
@@ -175,3 +175,48 @@ def test_task_variants_are_ranked_apart_and_plotted_apart():
         "facts/small", "facts/small [paraphrase=True]"
     ]  # fmt: skip
     assert labels.filter(pl.col("configuration") == "bm25")["value"].sort().to_list() == [0.8, 1.0]
+
+
+def test_the_terminal_view_is_one_narrow_table_per_ranked_group():
+    tracin_defaults = '{"chunk_size": "96", "last_checkpoints": "0", "normalize": "False"}'
+    runs = pl.DataFrame(
+        [
+            _run("tracin", 0, 0.61234, params=tracin_defaults, ci=(0.5, 0.7), lds=None),
+            _run(
+                "tracin", 0, 0.7, params='{"last_checkpoints": "2", "normalize": "True"}', lds=None
+            ),
+            _run(
+                "bm25",
+                0,
+                0.9,
+                task="owners",
+                owner_top1=0.75,
+                owner_top1_ci_low=0.6,
+                owner_top1_ci_high=0.875,
+            ),
+            _run("bm25", 0, 0.8, variant="paraphrase=True", lds=None),
+        ]
+    )
+    views = dict(terminal_tables(build_leaderboard(runs)))
+    assert set(views) == {
+        "facts · scale small · all queries · ranked by mrr",
+        "facts · scale small · paraphrase=True · all queries · ranked by mrr",
+        "owners · scale small · all queries · ranked by owner_top1",
+    }
+    facts = views["facts · scale small · all queries · ranked by mrr"]
+    # only the parameters that differ from the method's defaults; none is "defaults"
+    assert facts["params"].to_list() == ["last_checkpoints=2 normalize=True", "defaults"]
+    assert facts["mrr"].to_list() == ["0.700", "0.612"]
+    assert facts["95% interval"].to_list()[1] == "[0.500, 0.700]"
+    assert "lds" not in facts.columns  # no row of the group has it
+    owners = views["owners · scale small · all queries · ranked by owner_top1"]
+    assert owners.columns[:6] == [
+        "rank",
+        "method",
+        "params",
+        "seeds",
+        "owner_top1",
+        "95% interval",
+    ]
+    assert owners.row(0, named=True)["95% interval"] == "[0.600, 0.875]"
+    assert "mrr" in owners.columns and "lds" in owners.columns
