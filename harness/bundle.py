@@ -173,7 +173,10 @@ def prepare_bundle(
     )
     if cache.has("models", model_key):
         _logger.info(
-            "found existing model %s for %s/%s, skipping training", model_key, task.name, scale
+            "found existing model %s for %s/%s, skipping training",
+            model_key,
+            task.label(scale),
+            scale,
         )
     elif not train:
         raise LookupError(
@@ -200,7 +203,8 @@ def _task_data(
     )
     path = cache.path("tasks", key) / "task.json"
     if cache.has("tasks", key):
-        _logger.info("found existing %s/%s data %s, skipping build", task.name, scale, key)
+        # debug: a run loads its data twice, once to check settings and once to train
+        _logger.debug("found existing %s/%s data %s", task.label(scale), scale, key)
         return TaskData.load(path), key
     started = time.perf_counter()
     data = task.build(config, seed=seed)
@@ -212,7 +216,7 @@ def _task_data(
         data.save(staging / "task.json")
     _logger.info(
         "built %s/%s: %d documents, %d queries in %.1f s",
-        task.name,
+        task.label(scale),
         scale,
         len(data.documents),
         len(data.queries),

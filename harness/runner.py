@@ -222,8 +222,7 @@ class Runner:
     ) -> RunOutcome:
         """One tracked run of a fitted-and-scored method; ``tags`` are added to the run's."""
         variant = plan.task.variant(plan.scale)
-        label = f"{plan.task.name}[{variant}]" if variant else plan.task.name
-        name = f"{method.name}-{label}-{plan.scale}-seed{plan.seed}"
+        name = f"{method.name}-{plan.task.label(plan.scale)}-{plan.scale}-seed{plan.seed}"
         if plan.queries != "all":
             name += f"-{plan.queries}"
         tags = {
@@ -239,7 +238,7 @@ class Runner:
             "data_hash": bundle.data.fingerprint(),
             "model_key": bundle.model_key,
         }
-        _logger.info("running %s on %s/%s", method.name, plan.task.name, plan.scale)
+        _logger.info("running %s on %s/%s", method.name, plan.task.label(plan.scale), plan.scale)
         try:
             with self.tracker.run(task=plan.task.name, name=name, tags=tags) as run:
                 run.log_params(_run_params(method, plan, bundle))

@@ -92,6 +92,11 @@ class Task(abc.ABC):
                 changed.append(f"{key}={value}")
         return ",".join(changed)
 
+    def label(self, scale: str) -> str:
+        """The name with its variant, as runs and logs show it: ``facts[paraphrase=True]``."""
+        variant = self.variant(scale)
+        return f"{self.name}[{variant}]" if variant else self.name
+
     def inputs_fingerprint(self, scale: str) -> str:
         """A hash of the user files and pretrained model these settings read; empty if none."""
         settings = self.settings(scale)

@@ -71,7 +71,7 @@ def test_a_second_preparation_reuses_the_cached_model(tmp_path, monkeypatch, cap
         raise AssertionError("the cached model should have been reused")
 
     monkeypatch.setattr(harness.bundle, "train", no_training)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("DEBUG"):
         second = prepare_bundle(FactsTask(), "tiny", seed=0, cache=cache)
     assert (
         "found existing model" in caplog.text and "found existing facts/tiny data" in caplog.text

@@ -295,6 +295,8 @@ def test_a_byte_level_bpe_target_is_encoded_as_it_follows_the_prompt(tmp_path):
 def test_variants_name_parsed_values_that_differ_from_the_preset():
     facts = TASKS.get("facts")
     assert facts({"paraphrase": "1"}).variant("tiny") == "paraphrase=True"
+    assert facts({"paraphrase": "1"}).label("tiny") == "facts[paraphrase=True]"
+    assert facts({"paraphrase": "0"}).label("tiny") == "facts"
     assert facts({"paraphrase": "yes"}).variant("tiny") == "paraphrase=True"
     assert facts({"paraphrase": "false", "model.steps": "300"}).variant("tiny") == ""
     assert facts({"model.steps": "400", "entities": "6"}).variant("tiny") == (
