@@ -22,8 +22,8 @@ from harness.data import Query, Sequences, TaskData, encode_completions, encode_
 from harness.errors import ParameterError
 from harness.model import sequence_losses
 from harness.params import Params
-from harness.pretrained import PretrainedTokenizer, fingerprint
-from harness.task import Task
+from harness.pretrained import PretrainedTokenizer
+from harness.task import Task, recipe_identity
 from harness.tokenizer import WordTokenizer
 from harness.training import Checkpoint, ModelConfig, TrainingResult, TrainRecipe, train
 
@@ -163,10 +163,7 @@ def prepare_bundle(
     model_key = content_key(
         {
             "data": data_key,
-            "recipe": preset.recipe.to_dict(),
-            "pretrained": fingerprint(preset.recipe.pretrained)
-            if preset.recipe.pretrained
-            else "",
+            "recipe": recipe_identity(preset.recipe),  # a pretrained model by its contents
             "code": code_fingerprint(_MODEL_CODE),
             "torch": torch.__version__,
         }
@@ -195,10 +192,9 @@ def _task_data(
         {
             "task": task.name,
             "scale": scale,
-            "config": config.to_dict(),
+            "config": task.config_identity(config),
             "seed": seed,
             "code": code_fingerprint(task.source_files()),
-            "inputs": code_fingerprint(task.input_files(config)),
         }
     )
     path = cache.path("tasks", key) / "task.json"

@@ -428,30 +428,34 @@ def _print_own_model(o: RunOutcome) -> None:
     )
     if "unlearn_queries" not in m:
         return
+    # in queries and their relevant documents: a fact on facts, a secret on canaries, ...
     checked, stuck = int(m["unlearn_queries"]), int(m["unlearn_not_removable"])
     if stuck:
         click.echo(
-            f"Unlearning check: {_count(stuck, 'fact', 'facts')} cannot be removed by dropping "
-            "experts (a document in the public portion, or the fact in every shard)."
+            f"Unlearning check: {_count(stuck, 'query', 'queries')} cannot be removed by "
+            "dropping experts (a relevant document in the public portion, or relevant "
+            "documents in every shard)."
         )
     if not checked:
-        click.echo("Unlearning check: no fact the mixture learned could be checked.")
+        click.echo("Unlearning check: no query the mixture learned could be checked.")
         return
     click.echo(
-        f"Unlearning check on {_count(checked, 'fact', 'facts')} the mixture learned: dropping "
-        f"the experts holding the fact forgets {m['unlearn_forgotten']:.0%}; dropping the "
-        f"strongest other expert keeps {m['unlearn_kept_other']:.0%}."
+        f"Unlearning check on {_count(checked, 'query', 'queries')} the mixture learned: "
+        f"dropping the experts holding a query's relevant documents forgets the target in "
+        f"{m['unlearn_forgotten']:.0%} of them; dropping the strongest other expert keeps it "
+        f"in {m['unlearn_kept_other']:.0%}."
     )
     click.echo(
         "Mean target log-probability: "
         f"full {m['unlearn_logprob_full']:.2f}, "
-        f"without its experts {m['unlearn_logprob_without_responsible']:.2f}, "
+        f"without the query's experts {m['unlearn_logprob_without_responsible']:.2f}, "
         f"without the other {m['unlearn_logprob_without_other']:.2f}."
     )
     if m.get("unlearn_never_seen_queries"):
         click.echo(
-            f"Against a model that never saw the fact ({int(m['unlearn_never_seen_queries'])} "
-            f"facts): {m['unlearn_logprob_never_seen']:.2f}; without its experts minus that: "
+            "Against a model that never saw the relevant documents "
+            f"({_count(int(m['unlearn_never_seen_queries']), 'query', 'queries')}): "
+            f"{m['unlearn_logprob_never_seen']:.2f}; without the query's experts minus that: "
             f"{m['unlearn_gap_never_seen']:+.2f}."
         )
 

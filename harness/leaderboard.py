@@ -33,7 +33,14 @@ from harness.evaluation import REMOVAL_KS
 from harness.method import METHODS
 from harness.metrics import CONFIDENCE, SUMMARY_NAMES
 from harness.task import TASKS
-from harness.tracking import INPUTS_TAG, ROLE_TAG, TASK_TAG, VARIANT_TAG, open_client
+from harness.tracking import (
+    INPUTS_TAG,
+    ROLE_TAG,
+    SETUP_TAG,
+    TASK_TAG,
+    VARIANT_TAG,
+    open_client,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -114,15 +121,18 @@ def _run_row(task: str, run) -> dict:
         for key, value in params.items()
         if key.startswith("method.") and key.removeprefix("method.") not in ignored
     }
-    setup = {k: v for k, v in params.items() if k.startswith(("model.", "task."))}
-    inputs = run.data.tags.get(INPUTS_TAG, "")
-    if inputs:  # the same file paths with other contents are another setup
-        setup["inputs"] = inputs
+    setup = run.data.tags.get(SETUP_TAG)
+    if setup is None:  # a run from before the tag: its logged settings, files by path
+        settings = {k: v for k, v in params.items() if k.startswith(("model.", "task."))}
+        inputs = run.data.tags.get(INPUTS_TAG, "")
+        if inputs:  # the same file paths with other contents are another setup
+            settings["inputs"] = inputs
+        setup = content_key(settings)
     return {
         "task": task,
         "scale": run.data.tags.get("scale"),
         "variant": run.data.tags.get(VARIANT_TAG, ""),
-        "setup": content_key(setup)[:8],
+        "setup": setup[:8],
         "queries": run.data.tags.get("queries", "all"),
         "method": method,
         "params": json.dumps(method_params, sort_keys=True),

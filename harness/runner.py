@@ -28,7 +28,14 @@ from harness.resources import CostMeter
 from harness.retrain import SubsetPool, build_pool
 from harness.splits import QUERY_SETS, select_queries
 from harness.task import TASKS, Task
-from harness.tracking import INPUTS_TAG, VARIANT_TAG, Tracker, code_version, tracking_uri
+from harness.tracking import (
+    INPUTS_TAG,
+    SETUP_TAG,
+    VARIANT_TAG,
+    Tracker,
+    code_version,
+    tracking_uri,
+)
 from harness.unlearning import RemovableShards, never_seen_in_pool, unlearning_metrics
 
 _logger = logging.getLogger(__name__)
@@ -234,6 +241,7 @@ class Runner:
             "scale": plan.scale,
             VARIANT_TAG: variant,
             INPUTS_TAG: plan.task.inputs_fingerprint(plan.scale),
+            SETUP_TAG: plan.task.setup_key(plan.scale),
             "code_version": code_version(),
             "data_hash": bundle.data.fingerprint(),
             "model_key": bundle.model_key,

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from harness.cache import code_fingerprint
+from harness.cache import code_fingerprint, content_key
 from harness.data import TaskData
-from harness.errors import UnknownNameError
+from harness.errors import ParameterError, UnknownNameError
 from harness.params import Params
 from harness.pretrained import fingerprint as pretrained_fingerprint
 from harness.registry import Registry
@@ -56,6 +57,27 @@ class Scale:
 RECIPE_PREFIX = "model."  # an override of the model recipe rather than of the task
 
 
+def path_fingerprint(path: str) -> str:
+    """A hash of a file's or folder's contents alone: moved or renamed, it is the same."""
+    if not Path(path).exists():
+        raise ParameterError(f"{path!r}: no such file or folder")
+    if Path(path).is_dir():
+        return pretrained_fingerprint(path)
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def recipe_identity(recipe: TrainRecipe) -> dict[str, Any]:
+    """The recipe as it determines a model: a pretrained model by its contents, not its path."""
+    values = recipe.to_dict()
+    if values["pretrained"]:
+        values["pretrained"] = path_fingerprint(values["pretrained"])
+    return values
+
+
 class Task(abc.ABC):
     """Builds the data of one kind of attribution problem at a chosen scale."""
 
@@ -70,6 +92,9 @@ class Task(abc.ABC):
         if name is not None:
             cls.name = name
             TASKS.add(name, cls)
+
+    # settings that name a file or folder: identified by their contents, shown by name
+    path_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, overrides: Mapping[str, str] | None = None) -> None:
         self.overrides = dict(overrides or {})
@@ -89,8 +114,35 @@ class Task(abc.ABC):
             else:
                 value, default = getattr(settings.config, key), getattr(preset.config, key)
             if value != default:
-                changed.append(f"{key}={value}")
+                changed.append(f"{key}={self._shown(key, value)}")
         return ",".join(changed)
+
+    def _shown(self, key: str, value: Any) -> str:
+        """A path setting by its name and contents (``corpus.jsonl@1a2b3c4d``), not where it is."""
+        is_path = key in self.path_settings or key == f"{RECIPE_PREFIX}pretrained"
+        if is_path and value:
+            return f"{Path(value).name}@{path_fingerprint(value)[:8]}"
+        return str(value)
+
+    def config_identity(self, config: Params) -> dict[str, Any]:
+        """The settings as they determine the data: path settings by their contents."""
+        values = config.to_dict()
+        for key in self.path_settings:
+            if values.get(key):
+                values[key] = path_fingerprint(values[key])
+        return values
+
+    def setup_key(self, scale: str) -> str:
+        """A hash of the settings and recipe, path settings by their contents.
+
+        Over the values as runs log them (``model.KEY`` and ``task.KEY``), so that a
+        task without path settings keeps the key of runs logged before this one existed.
+        """
+        settings = self.settings(scale)
+        recipe = recipe_identity(settings.recipe)
+        values = {f"{RECIPE_PREFIX}{k}": str(v) for k, v in recipe.items()}
+        values |= {f"task.{k}": str(v) for k, v in self.config_identity(settings.config).items()}
+        return content_key(values)
 
     def label(self, scale: str) -> str:
         """The name with its variant, as runs and logs show it: ``facts[paraphrase=True]``."""

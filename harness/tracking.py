@@ -28,6 +28,8 @@ TASK_TAG = "harness.task"
 ROLE_TAG = "harness.role"  # "sweep" on a study's parent run, "trial" on its trials
 VARIANT_TAG = "task_variant"  # the task's setting overrides (key=value,...); empty for presets
 INPUTS_TAG = "task_inputs"  # a hash of a task's user files and pretrained model; empty if none
+# a hash of the task's settings and model recipe, files by their contents: rows of a leaderboard
+SETUP_TAG = "task_setup"
 MAX_PARAM_LENGTH = 6000
 
 

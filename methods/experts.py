@@ -39,6 +39,7 @@ from harness.mixture import WEIGHTINGS, mixture_logprobs, responsibilities, toke
 from harness.params import Params, param
 from harness.partition import random_partition, topic_partition
 from harness.retrain import subset_recipe
+from harness.task import recipe_identity
 from harness.training import Checkpoint, ModelConfig, TrainingResult, TrainRecipe, train
 
 _logger = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class PartitionedExperts(Method, name="experts", family="experts"):
                 "replica": bundle.replica_index,
                 "documents": job.kept.tolist(),
                 "seed": job.seed,
-                "recipe": job.recipe.to_dict(),
+                "recipe": recipe_identity(job.recipe),
                 "base": base_key,
                 "code": code_fingerprint(_CODE),
             }

@@ -86,6 +86,7 @@ class CustomConfig(Params):
 class CustomTask(Task, name="custom"):
     description = "your own corpus and queries from JSONL files (and optionally your own model)"
     primary_metric = "mrr"
+    path_settings = ("corpus", "queries", "heldout", "model")
     scales: ClassVar[dict[str, Scale]] = {
         "tiny": Scale(CustomConfig(), TINY_RECIPE, help="seconds; for a first check"),
         "small": Scale(

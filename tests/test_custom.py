@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -326,6 +327,44 @@ def test_an_edited_file_under_the_same_path_is_another_leaderboard_row(tmp_path,
     assert board.exit_code == 0, board.output
     rows = (results / "leaderboard.csv").read_text().splitlines()[1:]
     assert len(rows) == 2  # never pooled as two seeds of one configuration
+
+
+def test_moved_files_reuse_the_model_and_the_leaderboard_row(tmp_path, facts_files, caplog):
+    folder, _ = facts_files
+    results = tmp_path / "results"
+
+    def run(files: Path, seed: int):
+        settings = [
+            item
+            for key, value in _settings(files).items()
+            for item in ("--task-param", f"{key}={value}")
+        ]
+        command = ["--results-dir", str(results), "run", "--method", "bm25", "--task", "custom",
+                   "--scale", "tiny", *settings, "--no-lds", "--no-reliability", "--seed",
+                   str(seed)]  # fmt: skip
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 0, result.output
+
+    run(folder, seed=0)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl", "heldout.jsonl"):
+        (moved / name).write_text((folder / name).read_text())
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(moved, seed=0)
+    assert "found existing model" in caplog.text and "training a" not in caplog.text
+    run(moved, seed=1)
+    assert CliRunner().invoke(main, ["--results-dir", str(results), "leaderboard"]).exit_code == 0
+    board = pl.read_csv(results / "leaderboard.csv")
+    assert board.height == 1 and board["seeds"].item() == "0 1"  # one row, seeds pooled
+    variant = board["variant"].item()
+    assert str(folder) not in variant and str(moved) not in variant
+    assert re.fullmatch(
+        r"corpus=corpus\.jsonl@[0-9a-f]{8},heldout=heldout\.jsonl@[0-9a-f]{8},"
+        r"queries=queries\.jsonl@[0-9a-f]{8}",
+        variant,
+    )
 
 
 def test_broken_model_folders_are_refused_before_training(tmp_path, facts_files, model_dir):

@@ -153,6 +153,7 @@ def test_every_method_runs_on_owners_with_owner_metrics_and_the_experts_own_figu
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "Owner level" in result.output and "Unlearning check" in result.output
+    assert "fact" not in result.output.split("Unlearning check", 1)[1]  # said of any task
 
     uri = f"sqlite:///{results_dir.resolve()}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
