@@ -24,6 +24,7 @@ against every training document.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
@@ -270,7 +271,7 @@ def _chunks(sequences) -> list[tuple[int, int]]:
     ]
 
 
-def _gemm_floor(bundle, queries) -> None:
+def _gemm_floor(bundle, queries) -> Callable[[], None]:
     """The gradient-dot work's matrix products alone, at their own shapes; nothing else.
 
     For every linear layer (the output head included) and every chunk, the
@@ -280,7 +281,8 @@ def _gemm_floor(bundle, queries) -> None:
     loss and the embeddings, which have no matrix product, are left out. So no
     float32 implementation built on this BLAS can take less, and the ratio of
     this figure to the FLOP bound shows how much of the gap is the library's
-    speed on these shapes rather than the harness's own overhead.
+    speed on these shapes rather than the harness's own overhead. The operands
+    are drawn here, outside the timed work that this returns.
     """
     work = GemmWork.of(bundle, queries)
     longest = max(length for _, length in work.query_chunks + work.document_chunks)
@@ -307,12 +309,20 @@ def _gemm_floor(bundle, queries) -> None:
                 out=per_example[layer][:batch],
             )
 
-    for batch, length in work.query_chunks:
-        gradients(batch, length)
-    for batch, length in work.document_chunks:
-        gradients(batch, length)
-        for layer, grads in enumerate(query_grads):
-            grads @ per_example[layer][:batch].view(batch, -1).T
+    def products() -> None:
+        for batch, length in work.query_chunks:
+            gradients(batch, length)
+        for batch, length in work.document_chunks:
+            gradients(batch, length)
+            for layer, grads in enumerate(query_grads):
+                grads @ per_example[layer][:batch].view(batch, -1).T
+
+    return products
+
+
+def _whole(measure: Callable[[Any, Any], None]) -> Callable[[Any, Any], Callable[[], None]]:
+    """A measure with no set-up to leave out of its time: all of it is timed."""
+    return lambda bundle, queries: functools.partial(measure, bundle, queries)
 
 
 def _method(name: str, overrides: dict[str, str]) -> Callable[[Any, Any], None]:
@@ -327,11 +337,18 @@ def _method(name: str, overrides: dict[str, str]) -> Callable[[Any, Any], None]:
     return run
 
 
-MEASURES: dict[str, tuple[Callable[..., None], str]] = {
-    "featurize": (_featurize, "per-example gradients of every document, no product"),
-    "plain_dot": (_plain_dot, "gradient-dot work: gradients of all sequences + one product"),
-    "vmap_baseline": (_vmap_baseline, "plain baseline: torch.func vmap-of-grad + one product"),
-    "plain_loop": (_plain_loop, "one autograd call per sequence + one product"),
+# name: (prepare, what it times); prepare(bundle, queries) returns the work to time
+MEASURES: dict[str, tuple[Callable[[Any, Any], Callable[[], None]], str]] = {
+    "featurize": (_whole(_featurize), "per-example gradients of every document, no product"),
+    "plain_dot": (
+        _whole(_plain_dot),
+        "gradient-dot work: gradients of all sequences + one product",
+    ),
+    "vmap_baseline": (
+        _whole(_vmap_baseline),
+        "plain baseline: torch.func vmap-of-grad + one product",
+    ),
+    "plain_loop": (_whole(_plain_loop), "one autograd call per sequence + one product"),
     "gemm_floor": (_gemm_floor, "the gradient-dot work's matrix products alone"),
 }
 
@@ -361,19 +378,20 @@ def _child(
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     if measure in MEASURES:
-        function = MEASURES[measure][0]
+        prepare = MEASURES[measure][0]
     else:
         name, _, rest = measure.partition(":")
         overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
-        function = _method(name, overrides)
+        prepare = _whole(_method(name, overrides))
     timings = []
     with tempfile.TemporaryDirectory(prefix="harness-bench-") as scratch:
         bundle = _workload(workload, size, results_dir, scratch)
         queries = bundle.learned_queries
         for run in range(runs):
             bundle = dataclasses.replace(bundle, cache=Cache(Path(scratch) / f"run-{run}"))
+            work = prepare(bundle, queries)
             started = time.perf_counter()
-            function(bundle, queries)
+            work()
             timings.append(time.perf_counter() - started)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     queue.put(

@@ -143,7 +143,7 @@ class ModuleCapture:
         targets = chunk.targets
         if sample_labels:
             probabilities = logits.detach().softmax(dim=-1).flatten(0, -2)
-            targets = torch.multinomial(probabilities, 1, generator=generator).view(targets.shape)
+            targets = sample_categorical(probabilities, generator).view(targets.shape)
         losses = sequence_losses(logits, targets, chunk.loss_mask)
         outputs = [records[m][0][1] for m in self.modules]
         output_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
@@ -152,6 +152,23 @@ class ModuleCapture:
             for m, o, g in zip(self.modules, outputs, output_grads, strict=True)
         ]
         return captured, losses.detach()
+
+
+def sample_categorical(
+    probabilities: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One draw per row of ``probabilities`` (rows, categories), by the inverse CDF.
+
+    Exact like ``torch.multinomial``, and over ten times faster for a few thousand
+    rows of a word vocabulary, where multinomial dominated the sampled Fisher's cost.
+    """
+    cumulative = probabilities.cumsum(dim=-1)
+    # scaled by each row's total, so rounding in the sum never leaves a draw past the end
+    uniform = torch.rand(len(probabilities), 1, generator=generator) * cumulative[:, -1:]
+    # right=True: a draw equal to a boundary goes to the next category, so that a
+    # category of probability zero (an empty interval) is never drawn
+    drawn = torch.searchsorted(cumulative, uniform, right=True)
+    return drawn.clamp_max_(probabilities.shape[-1] - 1).squeeze(-1)
 
 
 class _Unsupported(Exception):
