@@ -278,11 +278,12 @@ def _gemm_floor(bundle, queries) -> Callable[[], None]:
     forward product, the input-gradient product and the per-example
     weight-gradient products, then each document chunk's product with the query
     gradients (:class:`GemmWork`). Attention, normalisation, activations, the
-    loss and the embeddings, which have no matrix product, are left out. So no
-    float32 implementation built on this BLAS can take less, and the ratio of
-    this figure to the FLOP bound shows how much of the gap is the library's
-    speed on these shapes rather than the harness's own overhead. The operands
-    are drawn here, outside the timed work that this returns.
+    loss and the embeddings, which have no matrix product, are left out. So the
+    harness's way of computing cannot take less than this on this BLAS, and the
+    ratio of this figure to the FLOP bound shows how much of the gap is the
+    library's speed on these shapes rather than the harness's own overhead (on a
+    small workload, timing noise can still put a single run of it above the
+    harness). The operands are drawn here, outside the timed work that this returns.
     """
     work = GemmWork.of(bundle, queries)
     longest = max(length for _, length in work.query_chunks + work.document_chunks)

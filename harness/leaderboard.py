@@ -246,11 +246,16 @@ def terminal_tables(table: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
     other fidelity, reliability and cost columns that some row of the group has.
     """
     views = []
-    for keys, group in table.group_by(RANKED_WITHIN, maintain_order=True):
-        task, scale, variant, _, queries = keys
+    groups = table.group_by(RANKED_WITHIN, maintain_order=True)
+    # the setup hash is shown only where two groups would otherwise read the same
+    named = table.select("task", "scale", "variant", "queries", "setup").unique()
+    ambiguous = named.height > named.select("task", "scale", "variant", "queries").n_unique()
+    for keys, group in groups:
+        task, scale, variant, setup, queries = keys
         primary = primary_metric(str(task))
         title = f"{task} · scale {scale}"
         title += f" · {variant}" if variant else ""
+        title += f" · setup {setup}" if ambiguous else ""
         title += f" · {queries} queries · ranked by {primary}"
         columns = [
             pl.col("rank"),
@@ -258,7 +263,7 @@ def terminal_tables(table: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
             pl.struct("method", "params")
             .map_elements(_changed_params, return_dtype=pl.String)
             .alias("params"),
-            pl.col("seeds"),
+            pl.col("seeds").alias("seed(s)"),
             _shown(primary),
             pl.format("[{}, {}]", *[_shown(f"{primary}{side}") for side, _ in SIDES]).alias(
                 "95% interval"

@@ -48,6 +48,11 @@ def _transformers():
 def check_model_dir(path: str) -> None:
     """Refuse a directory that cannot hold a saved causal LM, before any work."""
     folder = Path(path)
+    if folder.is_file():
+        raise ParameterError(
+            f"pretrained model directory {path!r} is a file; give the folder that "
+            "save_pretrained wrote"
+        )
     if not folder.is_dir():
         raise ParameterError(f"pretrained model directory {path!r} does not exist")
     if not (folder / "config.json").is_file():

@@ -93,7 +93,7 @@ class Task(abc.ABC):
             cls.name = name
             TASKS.add(name, cls)
 
-    # settings that name a file or folder: identified by their contents, shown by name
+    # settings that name a file or folder: identified, and shown, by their contents
     path_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, overrides: Mapping[str, str] | None = None) -> None:
@@ -118,10 +118,10 @@ class Task(abc.ABC):
         return ",".join(changed)
 
     def _shown(self, key: str, value: Any) -> str:
-        """A path setting by its name and contents (``corpus.jsonl@1a2b3c4d``), not where it is."""
+        """A path setting by its contents (``corpus=1a2b3c4d``): not where it is, nor its name."""
         is_path = key in self.path_settings or key == f"{RECIPE_PREFIX}pretrained"
         if is_path and value:
-            return f"{Path(value).name}@{path_fingerprint(value)[:8]}"
+            return path_fingerprint(value)[:8]
         return str(value)
 
     def config_identity(self, config: Params) -> dict[str, Any]:

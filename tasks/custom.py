@@ -108,7 +108,8 @@ class CustomTask(Task, name="custom"):
         for name in ("corpus", "queries", "heldout"):
             path = getattr(config, name)
             if path and not Path(path).is_file():
-                raise ParameterError(f"task setting {name}={path!r}: no such file")
+                problem = "is a folder, not a file" if Path(path).is_dir() else "no such file"
+                raise ParameterError(f"task setting {name}={path!r}: {problem}")
         return settings
 
     def recipe(self, config: CustomConfig, recipe: TrainRecipe) -> TrainRecipe:

@@ -329,15 +329,15 @@ def test_an_edited_file_under_the_same_path_is_another_leaderboard_row(tmp_path,
     assert len(rows) == 2  # never pooled as two seeds of one configuration
 
 
-def test_moved_files_reuse_the_model_and_the_leaderboard_row(tmp_path, facts_files, caplog):
+def test_moved_and_renamed_files_reuse_the_model_and_the_leaderboard_row(
+    tmp_path, facts_files, caplog
+):
     folder, _ = facts_files
     results = tmp_path / "results"
 
-    def run(files: Path, seed: int):
+    def run(files: dict[str, Path], seed: int):
         settings = [
-            item
-            for key, value in _settings(files).items()
-            for item in ("--task-param", f"{key}={value}")
+            item for key, path in files.items() for item in ("--task-param", f"{key}={path}")
         ]
         command = ["--results-dir", str(results), "run", "--method", "bm25", "--task", "custom",
                    "--scale", "tiny", *settings, "--no-lds", "--no-reliability", "--seed",
@@ -345,26 +345,36 @@ def test_moved_files_reuse_the_model_and_the_leaderboard_row(tmp_path, facts_fil
         result = CliRunner().invoke(main, command)
         assert result.exit_code == 0, result.output
 
-    run(folder, seed=0)
+    run({key: Path(path) for key, path in _settings(folder).items()}, seed=0)
     moved = tmp_path / "elsewhere"
     moved.mkdir()
-    for name in ("corpus.jsonl", "queries.jsonl", "heldout.jsonl"):
-        (moved / name).write_text((folder / name).read_text())
+    renamed = {}
+    for key in ("corpus", "queries", "heldout"):
+        renamed[key] = moved / f"my-{key}.jsonl"
+        renamed[key].write_text((folder / f"{key}.jsonl").read_text())
     caplog.clear()
     with caplog.at_level("INFO"):
-        run(moved, seed=0)
+        run(renamed, seed=0)
     assert "found existing model" in caplog.text and "training a" not in caplog.text
-    run(moved, seed=1)
+    run(renamed, seed=1)
     assert CliRunner().invoke(main, ["--results-dir", str(results), "leaderboard"]).exit_code == 0
     board = pl.read_csv(results / "leaderboard.csv")
     assert board.height == 1 and board["seeds"].item() == "0 1"  # one row, seeds pooled
-    variant = board["variant"].item()
-    assert str(folder) not in variant and str(moved) not in variant
+    # the variant names each file by its contents alone
     assert re.fullmatch(
-        r"corpus=corpus\.jsonl@[0-9a-f]{8},heldout=heldout\.jsonl@[0-9a-f]{8},"
-        r"queries=queries\.jsonl@[0-9a-f]{8}",
-        variant,
+        r"corpus=[0-9a-f]{8},heldout=[0-9a-f]{8},queries=[0-9a-f]{8}", board["variant"].item()
     )
+
+
+def test_a_folder_for_a_file_and_a_file_for_a_folder_are_named_as_such(
+    tmp_path, facts_files, model_dir
+):
+    folder, _ = facts_files
+    with pytest.raises(ParameterError, match="is a folder, not a file"):
+        TASKS.get("custom")(_settings(folder, corpus=str(tmp_path))).settings("tiny")
+    task = TASKS.get("custom")(_settings(folder, model=str(folder / "corpus.jsonl")))
+    with pytest.raises(ParameterError, match="is a file; give the folder"):
+        prepare_task_data(task, "tiny", seed=0, cache=Cache(tmp_path / "cache"))
 
 
 def test_broken_model_folders_are_refused_before_training(tmp_path, facts_files, model_dir):

@@ -214,9 +214,24 @@ def test_the_terminal_view_is_one_narrow_table_per_ranked_group():
         "rank",
         "method",
         "params",
-        "seeds",
+        "seed(s)",
         "owner_top1",
         "95% interval",
     ]
     assert owners.row(0, named=True)["95% interval"] == "[0.600, 0.875]"
     assert "mrr" in owners.columns and "lds" in owners.columns
+
+
+def test_the_terminal_view_names_the_setup_only_where_two_groups_would_read_the_same():
+    runs = pl.DataFrame(
+        [_run("bm25", 0, 0.9, setup="aaaa1111"), _run("bm25", 0, 0.8, setup="bbbb2222")]
+    )
+    titles = [title for title, _ in terminal_tables(build_leaderboard(runs))]
+    assert sorted(titles) == [
+        "facts · scale small · setup aaaa1111 · all queries · ranked by mrr",
+        "facts · scale small · setup bbbb2222 · all queries · ranked by mrr",
+    ]
+    alone = pl.DataFrame([_run("bm25", 0, 0.9, setup="aaaa1111")])
+    assert [t for t, _ in terminal_tables(build_leaderboard(alone))] == [
+        "facts · scale small · all queries · ranked by mrr"
+    ]
