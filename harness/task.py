@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import inspect
 from collections.abc import Mapping
@@ -58,11 +59,21 @@ RECIPE_PREFIX = "model."  # an override of the model recipe rather than of the t
 
 
 def path_fingerprint(path: str) -> str:
-    """A hash of a file's or folder's contents alone: moved or renamed, it is the same."""
+    """A hash of a file's or folder's contents alone: moved or renamed, it is the same.
+
+    Recomputed only when the file changes: a run asks for it many times (its variant,
+    cache keys and logs), and a corpus can be large.
+    """
     if not Path(path).exists():
         raise ParameterError(f"{path!r}: no such file or folder")
     if Path(path).is_dir():
         return pretrained_fingerprint(path)
+    stat = Path(path).stat()
+    return _file_fingerprint(str(Path(path).resolve()), (stat.st_size, stat.st_mtime_ns))
+
+
+@functools.cache
+def _file_fingerprint(path: str, stamp: tuple[int, int]) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -417,3 +418,18 @@ def test_the_word_level_model_tokenizes_as_the_harness_does(tmp_path):
         ]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["bos_token_id"] == pretrained.bos_id == words.bos_id
+
+
+def test_a_path_fingerprint_follows_contents_not_names_and_sees_an_edit(tmp_path):
+    from harness.task import path_fingerprint
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text('{"id": "d1", "text": "one"}\n')
+    second.write_text(first.read_text())
+    assert path_fingerprint(str(first)) == path_fingerprint(str(second))
+    before = path_fingerprint(str(first))
+    first.write_text('{"id": "d1", "text": "two"}\n')  # same size, new contents
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 1_000_000))
+    assert path_fingerprint(str(first)) != before
+    with pytest.raises(ParameterError, match="no such file or folder"):
+        path_fingerprint(str(tmp_path / "missing.jsonl"))
